@@ -1,0 +1,234 @@
+"""The `llmctl` command line: parses arguments and dispatches, nothing else.
+
+Every stage command has the same shape (GUIDE §2):
+``llmctl STAGE RECIPE.toml [--run-dir DIR] [--set KEY=VALUE ...] [--dry-run] [--debug]``.
+Exit codes: 0 success, 2 invalid input (one ``error:`` line), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from llmctl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pretrain, fine-tune, align, merge, quantize, benchmark and run language "
+                       "models from TOML recipes.")
+data_app = typer.Typer(no_args_is_help=True, help="Manage Deep Lake datasets.")
+app.add_typer(data_app, name="data")
+
+STAGE_HELP = {
+    "pretrain": "Train a causal LM from a config (or continue one) on streamed text.",
+    "sft": "Supervised fine-tuning: LoRA, QLoRA or full.",
+    "reward": "Train a reward model on chosen/rejected pairs.",
+    "ppo": "RLHF: optimise the policy against the reward model with PPO.",
+    "dpo": "Direct preference optimisation on chosen/rejected pairs.",
+    "merge": "Merge a LoRA adapter into its base model.",
+    "quantize": "Quantize a model (neural-compressor, OpenVINO, bitsandbytes).",
+    "bench": "Benchmark a model: lm-eval tasks, perplexity, latency.",
+    "generate": "Generate text with any stage's model.",
+}
+
+RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: runs/<run.name>).")
+SetOpt = typer.Option([], "--set", help="Override a recipe key: --set sft.lora.r=8 (repeatable).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe only.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
+    from llmctl.recipe import load_recipe
+
+    if run_dir is not None:
+        overrides = [*overrides, f"run.dir={json.dumps(str(run_dir))}"]
+    return load_recipe(recipe_path, overrides)
+
+
+def _dry_run(recipe, stages: list[str]) -> None:
+    from rich.console import Console
+
+    from llmctl.recipe import dump_resolved
+
+    resolved = dump_resolved(recipe)
+    inputs = {s: recipe.upstream_inputs(s) for s in stages}  # raises on unresolvable inputs
+    Console().print_json(json.dumps({"recipe": resolved, "stages": stages, "inputs": inputs},
+                                    default=str))
+
+
+def _stage_command(stage: str):
+    def command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
+                set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, debug: bool = DebugOpt):
+        from llmctl.pipeline import run_stage
+
+        loaded = _load(recipe, run_dir, set_)
+        loaded.stage_config(stage)
+        if dry_run:
+            _dry_run(loaded, [stage])
+            return
+        run_stage(loaded, stage)
+
+    command.__doc__ = STAGE_HELP[stage]
+    return command
+
+
+for _stage in ("pretrain", "sft", "reward", "ppo", "dpo", "merge", "quantize", "bench"):
+    app.command(_stage, help=STAGE_HELP[_stage])(_stage_command(_stage))
+
+
+@app.command("generate", help=STAGE_HELP["generate"])
+def generate_command(
+    recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file",
+                                                help="One prompt per line, or JSONL with 'prompt'."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
+    dry_run: bool = DryRunOpt, debug: bool = DebugOpt,
+):
+    from llmctl.pipeline import run_stage
+
+    overrides = list(set_)
+    if prompt:
+        overrides.append(f"generate.prompts={json.dumps(prompt)}")
+    if prompts_file:
+        overrides.append(f"generate.prompts_file={json.dumps(str(prompts_file))}")
+    loaded = _load(recipe, run_dir, overrides)
+    loaded.stage_config("generate")
+    if dry_run:
+        _dry_run(loaded, ["generate"])
+        return
+    out = run_stage(loaded, "generate")
+    for r in out["results"]:
+        if as_json:
+            print(json.dumps({"prompt": r["prompt"], "completions": r["completions"]}))
+        else:
+            for i, text in enumerate(r["completions"]):
+                tag = f" [{i + 1}]" if len(r["completions"]) > 1 else ""
+                print(f"\033[1m{r['input']}\033[0m{tag}{text}" if sys.stdout.isatty()
+                      else f"{r['input']}{tag}{text}")
+                print()
+
+
+@app.command("run")
+def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
+                set_: list[str] = SetOpt,
+                force: bool = typer.Option(False, "--force", help="Rerun finished stages too."),
+                dry_run: bool = DryRunOpt, debug: bool = DebugOpt):
+    """Run every stage the recipe defines, in pipeline order, skipping up-to-date ones."""
+    from llmctl.pipeline import run_all
+
+    loaded = _load(recipe, run_dir, set_)
+    if dry_run:
+        _dry_run(loaded, loaded.stages())
+        return
+    run_all(loaded, force=force)
+
+
+@app.command("demo")
+def demo_command(run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
+                 force: bool = typer.Option(False, "--force", help="Rerun finished stages too."),
+                 debug: bool = DebugOpt):
+    """Build the embedded demo assets (no downloads) and run the demo pipeline on them."""
+    from llmctl.demo.pipeline import run_demo
+
+    run_demo(run_dir, force=force)
+
+
+@data_app.command("ingest")
+def data_ingest(files: list[Path] = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or text."),
+                to: str = typer.Option(..., "--to", help="Dataset path (dir, mem://, hub://...)."),
+                message: str = typer.Option("ingest", "--message", "-m", help="Commit message."),
+                text_column: str = typer.Option("text", help="Column name for plain-text files."),
+                overwrite: bool = typer.Option(False, "--overwrite"),
+                debug: bool = DebugOpt):
+    """Create a Deep Lake dataset from files and commit it."""
+    from llmctl.data import read_records, write_dataset
+
+    records = [r for f in files for r in read_records(f, text_column)]
+    n = write_dataset(to, records, message, overwrite=overwrite)
+    print(f"ingested {n} rows into {to}")
+
+
+@data_app.command("show")
+def data_show(path: str = typer.Argument(...), limit: int = typer.Option(10, "--limit", "-n"),
+              columns: Optional[str] = typer.Option(None, help="Comma-separated columns."),
+              debug: bool = DebugOpt):
+    """Print the first rows of a dataset as a table."""
+    from llmctl.data import column_names, open_dataset
+
+    ds = open_dataset(path, "path")
+    _print_rows(ds, limit, columns.split(",") if columns else None, f"{path} ({len(ds)} rows)")
+
+
+@data_app.command("query")
+def data_query(path: str = typer.Argument(...), tql: str = typer.Argument(..., help="TQL query."),
+               limit: int = typer.Option(10, "--limit", "-n"), debug: bool = DebugOpt):
+    """Run a TQL query, e.g. \"SELECT * WHERE contains(text, 'tax')\", and print matching rows."""
+    from llmctl.data import open_dataset, run_query
+
+    view = run_query(open_dataset(path, "path"), tql, "query")
+    _print_rows(view, limit, None, f"{len(view)} matching rows")
+
+
+def _print_rows(view, limit: int, columns: Optional[list[str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmctl.data import column_names, preview
+
+    if columns:
+        missing = [c for c in columns if c not in column_names(view)]
+        if missing:
+            raise UserError(f"--columns: no column {missing[0]!r} "
+                            f"(columns: {', '.join(column_names(view))})")
+    names, rows = preview(view, limit, columns)
+    table = Table(title=title, show_lines=True)
+    for name in names:
+        table.add_column(name, overflow="fold", max_width=60)
+    for row in rows:
+        table.add_row(*[cell if len(cell) <= 300 else cell[:297] + "..." for cell in row])
+    Console().print(table)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if not debug:
+        _quiet_libraries()
+    try:
+        rc = app(standalone_mode=False)
+    except click.exceptions.ClickException as err:  # usage errors: exit 2 like argparse
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into an exit code
+        if debug:
+            traceback.print_exc()
+        # Our own exceptions carry an exit code and a message written for users.
+        code = getattr(err, "exit_code", 1)
+        message = str(err) if hasattr(err, "exit_code") else f"{type(err).__name__}: {err}"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(code)
+    sys.exit(rc if isinstance(rc, int) else 0)

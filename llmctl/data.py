@@ -1,0 +1,329 @@
+"""Data layer: Deep Lake 4.x datasets, prompt templates, streaming token blocks, ingest.
+
+Every stage gets its rows through :func:`open_split`, which applies the recipe's column mapping,
+TQL query, row limit and train/eval split, and reads rows in chunks so nothing loads a whole
+dataset into memory. Templates turn a row into training text (``render``) or into a prompt for
+generation (``prompt``: the text before the template's last field).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deeplake
+import torch
+
+from llmctl.errors import UserError
+from llmctl.recipe import DataSource
+
+# The course's templates, by name. A recipe may also give a format string of its own.
+TEMPLATES = {
+    "text": "{text}",
+    "qa": "Question: {question}\n\nAnswer: {answer}",
+    "orca": "Question: {question}\n\nAnswer: {response}",
+    "sentiment": "{instruction}\n\nContent: {input}\n\nSentiment: {output}",
+    "alpaca_prompt": "Question: {input}\n\nAnswer: {response}",
+}
+
+CHUNK_ROWS = 256  # rows read from Deep Lake per request while streaming
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str
+
+    @classmethod
+    def get(cls, name_or_format: str) -> "Template":
+        if name_or_format in TEMPLATES:
+            return cls(TEMPLATES[name_or_format])
+        if "{" not in name_or_format:
+            raise UserError(f"template {name_or_format!r}: not a known template "
+                            f"({', '.join(TEMPLATES)}) nor a format string with {{fields}}")
+        return cls(name_or_format)
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(self.text) if f]
+
+    @property
+    def response_field(self) -> str:
+        return self.fields[-1]
+
+    def render(self, row: dict[str, Any]) -> str:
+        try:
+            return self.text.format(**{k: _as_text(v) for k, v in row.items()})
+        except KeyError as err:
+            raise UserError(f"template {self.text!r}: row has no field {err.args[0]!r} "
+                            f"(fields: {', '.join(row)})") from None
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        """Everything before the response field: what a model is asked to continue."""
+        marker = "{" + self.response_field + "}"
+        head = self.text[: self.text.rindex(marker)]
+        return Template(head).render(row) if Template(head).fields else head
+
+    def split(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(prompt, completion) for completion-only losses and preference data."""
+        return self.prompt(row), _as_text(row[self.response_field])
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+# -- opening datasets ---------------------------------------------------------------------------
+
+
+def _token() -> str | None:
+    # Read from the environment at the moment of use; never written anywhere.
+    return os.environ.get("ACTIVELOOP_TOKEN") or None
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(("hub://", "al://", "s3://", "gcs://", "gs://", "azure://"))
+
+
+def open_dataset(path: str, key: str = "data.path"):
+    """Open a Deep Lake dataset read-only: local directory, mem://, hub:// or al://."""
+    if not is_remote(path) and not path.startswith("mem://"):
+        if not Path(path).exists():
+            raise UserError(f"{key}: dataset {path} does not exist")
+    try:
+        return deeplake.open_read_only(path, token=_token()) if is_remote(path) \
+            else deeplake.open_read_only(path)
+    except Exception as err:  # deeplake raises its own types for missing/unauthorised datasets
+        hint = " (set ACTIVELOOP_TOKEN for hub:// datasets)" if is_remote(path) and not _token() else ""
+        raise UserError(f"{key}: cannot open dataset {path}: {_one_line(err)}{hint}") from None
+
+
+def column_names(ds) -> list[str]:
+    return [c.name for c in ds.schema.columns]
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def run_query(ds, query: str, key: str):
+    try:
+        return ds.query(query)
+    except Exception as err:
+        raise UserError(f"{key}: query failed: {_one_line(err)}") from None
+
+
+@dataclass
+class Split:
+    """Rows ``[start, stop)`` of a (queried) dataset, with template fields mapped to columns."""
+
+    view: Any
+    start: int
+    stop: int
+    columns: dict[str, str]  # field -> column
+    path: str
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def iter_chunks(self, chunk: int = CHUNK_ROWS) -> Iterator[list[dict[str, Any]]]:
+        for lo in range(self.start, self.stop, chunk):
+            hi = min(lo + chunk, self.stop)
+            block = self.view[lo:hi]
+            cols = {field: _to_list(block[col]) for field, col in self.columns.items()}
+            yield [{field: values[i] for field, values in cols.items()} for i in range(hi - lo)]
+
+    def iter_rows(self, chunk: int = CHUNK_ROWS) -> Iterator[dict[str, Any]]:
+        for rows in self.iter_chunks(chunk):
+            yield from rows
+
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.iter_rows())
+
+
+def _to_list(values: Any) -> list:
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    return list(values)
+
+
+def open_split(source: DataSource, fields: list[str], split: str, key: str) -> Split:
+    """Open the train or eval split of a recipe data source, checking that every field maps to a column."""
+    columns = {f: source.columns.get(f, f) for f in fields}
+    if split == "eval" and source.eval_path:
+        ds = open_dataset(source.eval_path, f"{key}.eval_path")
+        path = source.eval_path
+        query = source.eval_query or source.query
+    else:
+        ds = open_dataset(source.path, f"{key}.path")
+        path = source.path
+        query = source.query
+    have = column_names(ds)
+    for field, col in columns.items():
+        if col not in have:
+            where = f"{key}.columns.{field}" if field in source.columns else f"{key}.columns"
+            raise UserError(f"{where}: dataset {path} has no column '{col}' "
+                            f"(needed for field '{field}'; columns: {', '.join(have)})")
+    view = run_query(ds, query, f"{key}.query") if query else ds
+    n = len(view)
+    if source.limit is not None:
+        n = min(n, source.limit)
+    if split == "eval" and source.eval_path:
+        start, stop = 0, n
+    else:
+        n_eval = int(round(n * source.eval_fraction)) if not source.eval_path else 0
+        if source.eval_fraction > 0 and not source.eval_path and n > 1:
+            n_eval = max(n_eval, 1)
+        start, stop = (0, n - n_eval) if split == "train" else (n - n_eval, n)
+    if stop <= start:
+        raise UserError(f"{key}: the {split} split of {path} is empty "
+                        f"({n} rows after query/limit; eval_fraction={source.eval_fraction})")
+    return Split(view, start, stop, columns, path)
+
+
+# -- token streams ---------------------------------------------------------------------------------
+
+
+class TokenBlocks(torch.utils.data.IterableDataset):
+    """Rendered rows, tokenized chunk by chunk, as fixed-length causal-LM examples.
+
+    ``pack=True`` concatenates documents (each ended by eos) and cuts ``seq_len`` blocks, as the
+    course's ConstantLengthDataset does; ``pack=False`` truncates and pads each document.
+    ``repeat=True`` cycles forever, so a Trainer run is defined by its step count alone and a
+    resumed run replays exactly the batches the interrupted one would have seen.
+    """
+
+    def __init__(self, split: Split, template: Template, tokenizer, seq_len: int,
+                 pack: bool = True, repeat: bool = False):
+        self.split, self.template, self.tokenizer = split, template, tokenizer
+        self.seq_len, self.pack, self.repeat = seq_len, pack, repeat
+
+    def _token_chunks(self) -> Iterator[list[list[int]]]:
+        eos = self.tokenizer.eos_token_id
+        for rows in self.split.iter_chunks():
+            texts = [self.template.render(r) for r in rows]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            yield [doc + [eos] for doc in ids]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield from (self._packed() if self.pack else self._padded())
+            if not self.repeat:
+                return
+
+    def _packed(self) -> Iterator[dict[str, torch.Tensor]]:
+        buffer: list[int] = []
+        for docs in self._token_chunks():
+            for doc in docs:
+                buffer.extend(doc)
+            n_blocks = len(buffer) // self.seq_len
+            for b in range(n_blocks):
+                block = torch.tensor(buffer[b * self.seq_len:(b + 1) * self.seq_len])
+                yield {"input_ids": block, "attention_mask": torch.ones_like(block),
+                       "labels": block.clone()}
+            buffer = buffer[n_blocks * self.seq_len:]
+
+    def _padded(self) -> Iterator[dict[str, torch.Tensor]]:
+        pad = self.tokenizer.pad_token_id
+        for docs in self._token_chunks():
+            for doc in docs:
+                doc = doc[: self.seq_len]
+                n = len(doc)
+                ids = torch.tensor(doc + [pad] * (self.seq_len - n))
+                mask = torch.zeros(self.seq_len, dtype=torch.long)
+                mask[:n] = 1
+                labels = ids.clone()
+                labels[n:] = -100
+                yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def count(self) -> int:
+        """Examples in one pass (tokenizes the split once, keeping only counts)."""
+        if not self.pack:
+            return len(self.split)
+        return sum(len(doc) for docs in self._token_chunks() for doc in docs) // self.seq_len
+
+
+# -- ingest / show / query (the `llmctl data` commands) -------------------------------------------
+
+
+def read_records(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if suffix in (".jsonl", ".json"):
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{n}: invalid JSON: {err.msg}") from None
+        return records
+    if suffix in (".csv", ".tsv"):
+        import pandas as pd
+
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",").to_dict("records")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix in (".txt", ".md", ".text", ""):
+        # Paragraphs (blank-line separated) are the natural documents of a plain-text file.
+        paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
+        return [{text_column: p} for p in paragraphs if p]
+    raise UserError(f"{path}: unsupported file type '{suffix}' (jsonl, csv, tsv, parquet, txt)")
+
+
+def _column_type(values: list[Any]):
+    if all(isinstance(v, bool) for v in values):
+        return deeplake.types.Bool()
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return deeplake.types.Int64()
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return deeplake.types.Float64()
+    return deeplake.types.Text()
+
+
+def write_dataset(dest: str, records: list[dict[str, Any]], message: str,
+                  overwrite: bool = False) -> int:
+    """Create a Deep Lake dataset from records (all with the same keys) and commit it."""
+    if not records:
+        raise UserError(f"{dest}: nothing to ingest (no records)")
+    names = list(records[0])
+    for i, rec in enumerate(records):
+        if list(rec) != names and set(rec) != set(names):
+            raise UserError(f"record {i}: columns {sorted(rec)} differ from {sorted(names)}")
+    if not is_remote(dest) and not dest.startswith("mem://") and Path(dest).exists():
+        if not overwrite:
+            raise UserError(f"{dest}: already exists (pass --overwrite to replace it)")
+        import shutil
+
+        shutil.rmtree(dest)
+    ds = deeplake.create(dest, token=_token()) if is_remote(dest) else deeplake.create(dest)
+    columns = {name: [rec[name] for rec in records] for name in names}
+    for name, values in columns.items():
+        kind = _column_type(values)
+        if isinstance(kind, type(deeplake.types.Text())):
+            values = ["" if v is None else str(v) for v in values]
+            columns[name] = values
+        ds.add_column(name, kind)
+    ds.append(columns)
+    ds.commit(message)
+    return len(records)
+
+
+def preview(view, limit: int, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    names = columns or column_names(view)
+    n = min(limit, len(view))
+    block = view[0:n] if n else None
+    rows = []
+    if block is not None:
+        cols = [_to_list(block[c]) for c in names]
+        rows = [[_as_text(col[i]) for col in cols] for i in range(n)]
+    return names, rows

@@ -1,0 +1,154 @@
+"""Loading and building models and tokenizers, the one place every stage goes through.
+
+Safe by default: weights load from safetensors only, and ``trust_remote_code`` stays off unless
+the recipe's ``[model]`` table turns it on. Hub ids and local directories load the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llmctl.errors import UserError
+from llmctl.recipe import ModelConfig
+
+ARCHITECTURES = {"gpt2": GPT2Config, "opt": OPTConfig, "llama": LlamaConfig}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` picks bf16 on CUDA cards that have it, fp16 on older cards, fp32 on CPU."""
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("precision = \"fp16\" needs CUDA; on CPU use \"bf16\" (AMX) or \"fp32\"")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def _load_error(what: str, path: str, err: Exception) -> UserError:
+    detail = " ".join(str(err).split())[:240]
+    return UserError(f"{what} {path}: cannot load ({detail})")
+
+
+def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
+                   padding_side: str = "right") -> PreTrainedTokenizerBase:
+    model_cfg = model_cfg or ModelConfig()
+    # An adapter directory may hold no tokenizer: fall back to its base model's.
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
+        path = adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error("tokenizer", path, err) from None
+    if tokenizer.pad_token is None:
+        # The course's GPT-2 setup: pad with eos (labels of pad positions are masked anyway).
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str | None = None,
+                   **kwargs: Any) -> PreTrainedModel:
+    """A causal LM from a directory or hub id; an adapter directory is loaded on its base."""
+    model_cfg = model_cfg or ModelConfig()
+    dtype = torch_dtype(dtype or model_cfg.dtype)
+    common = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  torch_dtype=dtype, use_safetensors=True, **kwargs)
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base_path = adapter_base(path)
+        base = _from_pretrained(base_path, common)
+        try:
+            return PeftModel.from_pretrained(base, path)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise _load_error("adapter", path, err) from None
+    return _from_pretrained(path, common)
+
+
+def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error("model", path, err) from None
+
+
+def build_causal_lm(architecture: str, overrides: dict[str, Any],
+                    tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                    key: str = "pretrain.config") -> PreTrainedModel:
+    """A freshly initialised model of the given architecture, sized by ``overrides``."""
+    config_cls = ARCHITECTURES[architecture]
+    valid = set(config_cls().to_dict()) | set(config_cls.attribute_map)
+    for name in overrides:
+        if name not in valid:
+            raise UserError(f"{key}.{name}: not a {config_cls.__name__} field")
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = config_cls(**{**special, **overrides})
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
+    if seq_len > positions:
+        raise UserError(f"pretrain.seq_len: {seq_len} exceeds the model's {positions} positions "
+                        f"(raise {key}.{'n_positions' if architecture == 'gpt2' else 'max_position_embeddings'})")
+    return AutoModelForCausalLM.from_config(config)
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue  # tied embeddings are one tensor
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def model_config_of(path: str, model_cfg: ModelConfig) -> Any:
+    try:
+        return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error("model", path, err) from None

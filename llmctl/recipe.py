@@ -1,0 +1,305 @@
+"""Recipe schema: load a TOML file, apply ``--set`` overrides, validate, resolve stage inputs.
+
+A recipe has a ``[run]`` table, a shared ``[model]`` table, named data sources under
+``[data.<name>]`` and one table per stage. Every table is strict: an unknown key, a wrong type
+or a missing required key is a :class:`UserError` that names the file and the dotted key.
+Relative paths in a recipe are relative to the directory you run ``llmctl`` from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmctl.errors import UserError
+
+# The order `llmctl run` executes stages in.
+PIPELINE = ("pretrain", "sft", "merge", "reward", "ppo", "dpo", "quantize", "bench", "generate")
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    # strict: TOML already has real types, so "8" for an int is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+class RunConfig(Section):
+    name: str = "llmctl"
+    dir: str | None = None  # default: runs/<name>
+    seed: int = 42
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = None  # hub id or local directory; the base when nothing upstream
+    tokenizer: str | None = None  # default: the model's own
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataSource(Section):
+    path: str  # local dir, mem://, hub://org/name or al://org/name
+    columns: dict[str, str] = Field(default_factory=dict)  # template field -> dataset column
+    template: str = "text"  # a named template (see llmctl.data.TEMPLATES) or a format string
+    query: str | None = None  # TQL, e.g. "SELECT * WHERE contains(text, 'tax')"
+    eval_path: str | None = None  # separate evaluation dataset; else split off eval_fraction
+    eval_query: str | None = None
+    eval_fraction: float = 0.05
+    limit: int | None = None  # use at most this many rows (after the query)
+
+
+class TrainConfig(Section):
+    """Knobs every Trainer-based stage shares."""
+
+    data: str | None = None  # name of a [data.<name>] source
+    max_steps: int = -1  # > 0 wins over epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 5e-5
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None: evaluate once at the end only
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_max_batches: int | None = None  # cap on evaluation batches (None: the whole eval split)
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    dataloader_drop_last: bool = False
+
+
+class PretrainConfig(TrainConfig):
+    init: Literal["config", "pretrained"] = "config"  # from scratch, or continue a checkpoint
+    architecture: Literal["gpt2", "opt", "llama"] = "gpt2"
+    config: dict[str, Any] = Field(default_factory=dict)  # passed to the architecture's Config
+    model: str | None = None  # checkpoint to continue from (init = "pretrained")
+    tokenizer: str | None = None  # default: model.tokenizer or model.name_or_path
+    seq_len: int = 512
+    pack: bool = True  # concatenate documents into seq_len blocks, else truncate/pad each
+    lr: float = 5e-4
+
+
+class LoraConfig(Section):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] | None = None  # None: a per-architecture default
+
+
+class SftConfig(TrainConfig):
+    model: str | None = None  # default: upstream pretrain output, else model.name_or_path
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    seq_len: int = 1024
+    packing: bool = True
+    completion_only_loss: bool = False
+    load_in_bf16: bool = False
+    fp32_norms_and_head: bool = False  # keep 1-D params and the LM head output in fp32
+    eval_task: bool = True  # score label log-likelihood accuracy before and after training
+    lr: float = 1e-4
+
+
+class MergeConfig(Section):
+    adapter: str | None = None  # default: upstream sft (or ppo) adapter
+    base: str | None = None  # default: the base recorded in the adapter
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tolerance: float = 1e-3
+
+
+class GenerateConfig(Section):
+    model: str | None = None  # default: the last model-producing stage of the recipe
+    template: str | None = None  # named template or format string; prompt = text before last field
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: str | None = None
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    num_beams: int = 1
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    stop: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerateConfig":
+        if self.num_return_sequences > max(self.num_beams, 1) and not self.do_sample:
+            raise ValueError("num_return_sequences > num_beams needs do_sample = true")
+        return self
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: dict[str, DataSource] = Field(default_factory=dict)
+    pretrain: PretrainConfig | None = None
+    sft: SftConfig | None = None
+    merge: MergeConfig | None = None
+    reward: dict[str, Any] | None = None  # schema lands with the RLHF issue
+    ppo: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+    quantize: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+    generate: GenerateConfig | None = None
+
+    # Where the recipe came from; not a TOML key.
+    source: str = Field(default="<recipe>", exclude=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def stages(self) -> list[str]:
+        return [s for s in PIPELINE if getattr(self, s) is not None]
+
+    def stage_config(self, stage: str) -> Any:
+        section = getattr(self, stage, None)
+        if section is None:
+            raise UserError(f"{self.source}: the recipe has no [{stage}] table")
+        return section
+
+    def data_source(self, stage: str, name: str | None) -> DataSource:
+        if name is None:
+            raise UserError(f"{self.source}: {stage}.data: missing (name a [data.<name>] source)")
+        if name not in self.data:
+            known = ", ".join(sorted(self.data)) or "none"
+            raise UserError(f"{self.source}: {stage}.data: no [data.{name}] table (have: {known})")
+        return self.data[name]
+
+    def stage_hash(self, stage: str) -> str:
+        """Fingerprint of everything that decides a stage's output: its table, model, data, seed."""
+        section = self.stage_config(stage)
+        payload = {
+            "stage": section.model_dump() if isinstance(section, BaseModel) else section,
+            "model": self.model.model_dump(),
+            "data": {k: v.model_dump() for k, v in self.data.items()},
+            "seed": self.run.seed,
+            "inputs": {k: str(v) for k, v in self.upstream_inputs(stage).items()},
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def upstream_inputs(self, stage: str) -> dict[str, str]:
+        """Paths a stage reads from earlier stages in this run directory (or the recipe)."""
+        if stage == "sft":
+            return {"model": self.stage_config("sft").model or self._model_from("pretrain")}
+        if stage == "merge":
+            cfg = self.stage_config("merge")
+            return {"adapter": cfg.adapter or str(self.run_dir / "sft" / "adapter")}
+        if stage == "generate":
+            return {"model": self.stage_config("generate").model or self._last_model()}
+        if stage == "pretrain":
+            cfg = self.stage_config("pretrain")
+            if cfg.init == "pretrained":
+                return {"model": cfg.model or self._require_base("pretrain.model")}
+            return {}
+        return {}
+
+    def _model_from(self, *upstream: str) -> str:
+        for stage in upstream:
+            if getattr(self, stage) is not None:
+                return str(self.run_dir / stage / "model")
+        return self._require_base("model.name_or_path")
+
+    def _require_base(self, key: str) -> str:
+        if not self.model.name_or_path:
+            raise UserError(f"{self.source}: {key}: missing (no upstream stage produces a model)")
+        return self.model.name_or_path
+
+    def _last_model(self) -> str:
+        # Later stages win: a merged model beats the sft adapter, which beats the pretrained base.
+        for stage in ("merge", "sft", "pretrain"):
+            if getattr(self, stage) is not None:
+                sub = "adapter" if stage == "sft" and self.sft.method != "full" else "model"
+                return str(self.run_dir / stage / sub)
+        return self._require_base("generate.model")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (["a","b","c"], value); VALUE is read as a TOML literal, else a string."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: bad key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set run.name=trial3
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part} is not a table")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "missing required key"
+    else:
+        msg = f"{first['msg']} (got {first.get('input')!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def validate(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(source, err)) from None
+    recipe.source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: invalid TOML: {err}") from None
+    apply_overrides(raw, overrides or [])
+    return validate(raw, str(path))
+
+
+def dump_resolved(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as validated, defaults filled in, with the run directory spelled out."""
+    out = recipe.model_dump(exclude_none=True)
+    out["run"]["dir"] = str(recipe.run_dir)
+    return out

@@ -1,0 +1,125 @@
+"""`llmctl generate`: decode from any stage's model with the recipe's template and decoding knobs.
+
+Loads a model directory or hub id (a LoRA adapter directory is loaded on its base), turns each
+prompt into the template's prompt text, generates, cuts at stop sequences and writes
+``generations.jsonl``. Greedy, sampling (top-k, top-p, temperature), beam search (length
+penalty), repetition penalty, min/max new tokens and several return sequences are all
+``model.generate`` arguments taken from the ``[generate]`` table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, set_seed
+
+from llmctl.data import Template
+from llmctl.errors import UserError
+from llmctl.models import device, load_causal_lm, load_tokenizer
+from llmctl.progress import console, stage_header
+from llmctl.recipe import GenerateConfig, Recipe
+from llmctl.rundir import StageRun, require_input
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg: GenerateConfig = recipe.stage_config("generate")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("generate")
+    require_input(inputs["model"], "generate.model")
+    prompts = read_prompts(cfg)
+
+    tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")
+    model = load_causal_lm(inputs["model"], recipe.model).to(device()).eval()
+    stage_header("generate", f"{len(prompts)} prompt(s) with {inputs['model']}")
+
+    template = Template.get(cfg.template) if cfg.template else None
+    texts = [apply_template(template, p) for p in prompts]
+    stage = StageRun(run_dir, "generate", recipe.stage_hash("generate"), recipe.run.seed,
+                     cfg.model_dump(), inputs).begin()
+    t0 = time.perf_counter()
+    results, new_tokens = [], 0
+    for prompt, text in zip(prompts, texts):
+        completions, n = generate(model, tokenizer, text, cfg)
+        new_tokens += n
+        results.append({"prompt": prompt, "input": text, "completions": completions})
+    seconds = time.perf_counter() - t0
+
+    with open(stage.path("generations.jsonl"), "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    metrics = {"num_prompts": len(prompts), "new_tokens": new_tokens,
+               "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
+    stage.finish(metrics, {"generations": "generations.jsonl"})
+    return {"results": results, "metrics": metrics}
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UserError(f"generate.prompts_file: {path} not found")
+        lines = path.read_text().splitlines()
+        if path.suffix == ".jsonl":
+            prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
+        else:
+            prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise UserError("generate.prompts: no prompts (give --prompt, generate.prompts or "
+                        "generate.prompts_file)")
+    return prompts
+
+
+def apply_template(template: Template | None, prompt: str) -> str:
+    """A prompt fills the template's first field; a JSON object prompt fills several fields."""
+    if template is None:
+        return prompt
+    fields = [f for f in template.fields if f != template.response_field]
+    if prompt.lstrip().startswith("{"):
+        try:
+            row = json.loads(prompt)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            return template.prompt(row)
+    if len(fields) != 1:
+        raise UserError(f"generate.template: {template.text!r} has fields {fields}; give each "
+                        f"prompt as a JSON object with those keys")
+    return template.prompt({fields[0]: prompt})
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, text: str, cfg: GenerateConfig) -> tuple[list[str], int]:
+    """Completions for one prompt, cut at the first stop sequence; and the new-token count."""
+    batch = tokenizer(text, return_tensors="pt").to(model.device)
+    gen_config = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        do_sample=cfg.do_sample,
+        num_beams=cfg.num_beams,
+        top_k=cfg.top_k if cfg.do_sample else None,
+        top_p=cfg.top_p if cfg.do_sample else None,
+        temperature=cfg.temperature if cfg.do_sample else None,
+        repetition_penalty=cfg.repetition_penalty,
+        length_penalty=cfg.length_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        num_return_sequences=cfg.num_return_sequences,
+        stop_strings=cfg.stop or None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer)
+    new = out[:, batch["input_ids"].shape[1]:]
+    completions = [cut_at_stop(t, cfg.stop)
+                   for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    n_tokens = int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None \
+        else new.numel()
+    return completions, n_tokens
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]

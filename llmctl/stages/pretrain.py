@@ -1,0 +1,101 @@
+"""`llmctl pretrain`: train a causal LM from a config (or continue a checkpoint) on streamed text.
+
+Setup (tokenizer, model, data) -> train with the HF Trainer -> evaluate -> save model, tokenizer,
+loss curve and metrics. Reads rows from Deep Lake chunk by chunk and packs them into
+``seq_len`` blocks, so the corpus never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+from pathlib import Path
+
+from transformers import Trainer, default_data_collator, set_seed
+
+from llmctl.data import Template, TokenBlocks, open_split
+from llmctl.errors import UserError
+from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
+from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.recipe import Recipe
+from llmctl.rundir import StageRun, require_input
+from llmctl.training import loss_first_last, show_progress, train, training_args
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg = recipe.stage_config("pretrain")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("pretrain")
+    for name, path in inputs.items():
+        require_input(path, f"pretrain.{name}")
+
+    # -- setup ------------------------------------------------------------------------------
+    tokenizer_path = cfg.tokenizer or recipe.model.tokenizer or inputs.get("model") \
+        or recipe.model.name_or_path
+    if not tokenizer_path:
+        raise UserError(f"{recipe.source}: pretrain.tokenizer: missing (and no model.tokenizer "
+                        f"or model.name_or_path to take it from)")
+    tokenizer = load_tokenizer(tokenizer_path, recipe.model)
+    if cfg.init == "config":
+        model = build_causal_lm(cfg.architecture, cfg.config, tokenizer, cfg.seq_len)
+        origin = f"new {cfg.architecture} from config"
+    else:
+        model = load_causal_lm(inputs["model"], recipe.model)
+        origin = f"continuing {inputs['model']}"
+    num_params = count_params(model)
+    stage_header("pretrain", f"{origin}: {num_params:,} parameters ({human_count(num_params)})")
+
+    source = recipe.data_source("pretrain", cfg.data)
+    template = Template.get(source.template)
+    key = f"data.{cfg.data}"
+    train_split = open_split(source, template.fields, "train", key)
+    eval_split = open_split(source, template.fields, "eval", key)
+    train_blocks = TokenBlocks(train_split, template, tokenizer, cfg.seq_len, cfg.pack, repeat=True)
+    eval_cap = cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) \
+        if cfg.eval_max_batches else None
+    eval_blocks = list(islice(TokenBlocks(eval_split, template, tokenizer, cfg.seq_len, cfg.pack),
+                              eval_cap))
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    max_steps = cfg.max_steps
+    if max_steps <= 0:
+        # The stream repeats forever, so epochs become a step count: one counting pass.
+        n_blocks = TokenBlocks(train_split, template, tokenizer, cfg.seq_len, cfg.pack).count()
+        max_steps = max(1, math.ceil(cfg.epochs * n_blocks / (cfg.batch_size * cfg.grad_accum)))
+    console.print(f"  data: {len(train_split):,} train rows, {len(eval_blocks):,} eval blocks of "
+                  f"{cfg.seq_len} tokens; {max_steps:,} steps of {tokens_per_step:,} tokens")
+
+    stage = StageRun(run_dir, "pretrain", recipe.stage_hash("pretrain"), recipe.run.seed,
+                     cfg.model_dump(), inputs).begin()
+    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-pretrain",
+                         max_steps=max_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks,
+                      eval_dataset=eval_blocks or None, data_collator=default_data_collator)
+    show_progress(trainer, "pretrain", tokens_per_step)
+
+    # -- train ------------------------------------------------------------------------------
+    result, start_step = train(trainer, stage)
+    eval_metrics = trainer.evaluate() if eval_blocks else {}
+
+    # -- save -------------------------------------------------------------------------------
+    trainer.save_model(str(stage.path("model")))
+    tokenizer.save_pretrained(str(stage.path("model")))
+    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "pretrain")
+    first, last = loss_first_last(trainer.state.log_history)
+    eval_loss = float(eval_metrics.get("eval_loss", math.nan))
+    steps_run = trainer.state.global_step - start_step
+    metrics = {
+        "num_params": num_params,
+        "train_loss_first": first,
+        "train_loss_last": last,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss) if eval_loss == eval_loss else math.nan,
+        "tokens_per_second": tokens_per_step * max(steps_run, 1) / result.metrics["train_runtime"],
+        "global_step": trainer.state.global_step,
+        "train_tokens": tokens_per_step * trainer.state.global_step,
+    }
+    final = stage.finish(metrics, {"model": "model", "loss_curve": "loss_curve.png"})
+    console.print(f"  loss {first:.3f} -> {last:.3f}, eval perplexity {metrics['eval_perplexity']:.2f}"
+                  f", {metrics['tokens_per_second']:,.0f} tokens/s -> {final}")
+    return metrics
+

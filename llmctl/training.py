@@ -1,0 +1,78 @@
+"""What every Trainer-based stage shares: TrainingArguments from a recipe table, resume, losses."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from llmctl.models import resolve_precision
+from llmctl.progress import RichProgress, console
+from llmctl.recipe import TrainConfig
+from llmctl.rundir import StageRun
+
+
+def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
+                  **overrides) -> TrainingArguments:
+    precision = resolve_precision(cfg.precision)
+    eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
+    kwargs = dict(
+        output_dir=str(stage.checkpoint_dir),
+        run_name=run_name,
+        seed=seed,
+        data_seed=seed,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,  # train_loss_first is the loss at step 1
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=cfg.eval_steps if eval_every else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_safetensors=True,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        logging_dir=str(stage.work_dir / "logs"),
+        disable_tqdm=True,  # llmctl draws its own rich progress
+        dataloader_drop_last=cfg.dataloader_drop_last,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
+    """Train, resuming from the stage's last checkpoint when an earlier run was interrupted.
+
+    Returns the TrainOutput and the step this run started from (0 unless resumed).
+    """
+    checkpoint = stage.last_checkpoint()
+    start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    if checkpoint:
+        console.print(f"  resuming from {checkpoint}")
+    return trainer.train(resume_from_checkpoint=checkpoint), start_step
+
+
+def loss_first_last(log_history: list[dict]) -> tuple[float, float]:
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    if not losses:
+        raise RuntimeError("training logged no loss")
+    return float(losses[0]), float(losses[-1])
+
+
+def show_progress(trainer: Trainer, description: str, tokens_per_step: int | None = None) -> Trainer:
+    """Replace the Trainer's dict-printing logger with llmctl's rich progress bar."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(RichProgress(description, tokens_per_step))
+    return trainer
