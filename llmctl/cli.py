@@ -200,7 +200,12 @@ def _print_rows(view, limit: int, columns: Optional[list[str]], title: str) -> N
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
     import warnings
+
+    # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -118,7 +118,7 @@ def build_causal_lm(architecture: str, overrides: dict[str, Any],
     valid = set(config_cls().to_dict()) | set(config_cls.attribute_map)
     for name in overrides:
         if name not in valid:
-            raise UserError(f"{key}.{name}: not a {config_cls.__name__} field")
+            raise UserError(f"{key}.{name}: not a field of {config_cls.__name__}")
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = config_cls(**{**special, **overrides})
@@ -152,3 +152,12 @@ def model_config_of(path: str, model_cfg: ModelConfig) -> Any:
                                           trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise _load_error("model", path, err) from None
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Safetensors weights + config + tokenizer: what transformers, peft, lm-eval and optimum load.
+
+    (Trainer.save_model would add a pickled training_args.bin, which we keep out of outputs.)
+    """
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))

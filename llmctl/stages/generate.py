@@ -94,7 +94,7 @@ def apply_template(template: Template | None, prompt: str) -> str:
 @torch.inference_mode()
 def generate(model, tokenizer, text: str, cfg: GenerateConfig) -> tuple[list[str], int]:
     """Completions for one prompt, cut at the first stop sequence; and the new-token count."""
-    batch = tokenizer(text, return_tensors="pt").to(model.device)
+    batch = tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(model.device)
     gen_config = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens,

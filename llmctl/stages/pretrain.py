@@ -15,7 +15,8 @@ from transformers import Trainer, default_data_collator, set_seed
 
 from llmctl.data import Template, TokenBlocks, open_split
 from llmctl.errors import UserError
-from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
+from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer, \
+    save_model
 from llmctl.progress import console, save_loss_curve, stage_header
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun, require_input
@@ -78,8 +79,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     eval_metrics = trainer.evaluate() if eval_blocks else {}
 
     # -- save -------------------------------------------------------------------------------
-    trainer.save_model(str(stage.path("model")))
-    tokenizer.save_pretrained(str(stage.path("model")))
+    save_model(trainer.model, tokenizer, stage.path("model"))
     save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "pretrain")
     first, last = loss_first_last(trainer.state.log_history)
     eval_loss = float(eval_metrics.get("eval_loss", math.nan))

@@ -1,0 +1,77 @@
+"""`llmctl demo`: build the embedded assets, write the demo recipe, run it, summarise."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from rich.console import Console
+from rich.table import Table
+
+from llmctl.demo.assets import build_assets
+from llmctl.pipeline import run_all
+from llmctl.progress import console
+from llmctl.recipe import load_recipe
+from llmctl.rundir import read_manifest
+
+# The numbers worth seeing for each stage in the summary table.
+SUMMARY_METRICS = {
+    "pretrain": ("num_params", "train_loss_first", "train_loss_last", "eval_perplexity",
+                 "tokens_per_second"),
+    "sft": ("trainable_percent", "train_loss_last", "eval_loss", "eval_task_accuracy_before",
+            "eval_task_accuracy_after"),
+    "merge": ("max_abs_logit_diff",),
+    "reward": ("eval_accuracy", "eval_reward_margin"),
+    "ppo": ("reward_mean_before", "reward_mean_after", "kl_last"),
+    "dpo": ("eval_rewards_accuracy",),
+    "quantize": ("size_bytes_before", "size_bytes_after", "relative_loss", "accepted"),
+    "bench": ("demo_sentiment.acc", "perplexity"),
+    "generate": ("num_prompts", "tokens_per_second"),
+}
+
+
+def write_demo_recipe(run_dir: Path, seed: int = 0) -> Path:
+    """Build the assets under <run_dir>/assets and write <run_dir>/recipe.toml pointing at them."""
+    assets = build_assets(run_dir / "assets", seed=seed)
+    template = Template(resources.files("llmctl.demo").joinpath("demo.toml").read_text())
+    text = template.substitute({k: str(Path(v).resolve()) for k, v in assets.items()})
+    recipe_path = run_dir / "recipe.toml"
+    if not recipe_path.exists() or recipe_path.read_text() != text:
+        recipe_path.write_text(text)
+    return recipe_path
+
+
+def run_demo(run_dir: Path, force: bool = False) -> dict[str, dict]:
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]llmctl demo[/] building assets in {run_dir / 'assets'}")
+    recipe_path = write_demo_recipe(run_dir)
+    recipe = load_recipe(recipe_path, [f"run.dir={json.dumps(str(run_dir))}"])
+    run_all(recipe, force=force)
+    summary = {s: (read_manifest(run_dir / s) or {}).get("metrics", {}) for s in recipe.stages()}
+    print_summary(summary, time.perf_counter() - t0, run_dir / "generate" / "generations.jsonl")
+    return summary
+
+
+def print_summary(summary: dict[str, dict], seconds: float, generations: Path) -> None:
+    table = Table(title=f"llmctl demo: {seconds:.0f} s")
+    table.add_column("stage")
+    table.add_column("key numbers")
+    for stage, metrics in summary.items():
+        keys = [k for k in SUMMARY_METRICS.get(stage, ()) if k in metrics]
+        table.add_row(stage, ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys))
+    out = Console()
+    out.print(table)
+    if generations.exists():
+        for line in generations.read_text().splitlines():
+            row = json.loads(line)
+            out.print(f"[bold]{row['input']}[/]{row['completions'][0]}")
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"

@@ -1,0 +1,113 @@
+"""Shared fixtures: the demo assets (built once per session, offline) and tiny recipes."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_OPT = ("{ num_hidden_layers = 2, hidden_size = 64, ffn_dim = 128, num_attention_heads = 4, "
+            "max_position_embeddings = 128, word_embed_proj_dim = 64 }")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    from llmctl.demo.assets import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("assets"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(assets):
+    from llmctl.models import load_tokenizer
+
+    return load_tokenizer(assets["tokenizer"])
+
+
+def tiny_recipe_text(assets, run_dir, **tables) -> str:
+    """A tiny recipe on the demo assets: pretrain (a few steps) and generate; extend via tables."""
+    text = f"""
+[run]
+name = "tiny"
+dir = "{run_dir}"
+seed = 0
+
+[model]
+tokenizer = "{assets['tokenizer']}"
+
+[data.corpus]
+path = "{assets['corpus']}"
+eval_fraction = 0.02
+limit = 400
+
+[pretrain]
+data = "corpus"
+architecture = "opt"
+config = {TINY_OPT}
+seq_len = 64
+batch_size = 8
+max_steps = 30
+lr = 3e-3
+warmup_steps = 2
+logging_steps = 5
+save_steps = 10
+eval_max_batches = 2
+
+[generate]
+prompts = ["The function"]
+max_new_tokens = 8
+"""
+    for name, body in tables.items():
+        text += f"\n[{name}]\n{body}\n"
+    return text
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, assets):
+    """Write a tiny recipe file; returns its path. Keyword args add or replace TOML text."""
+
+    def make(extra: str = "", name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(tiny_recipe_text(assets, tmp_path / "run") + extra)
+        return path
+
+    return make
+
+
+def run_cli(args, capsys=None):
+    """Run the llmctl CLI in-process; returns (exit code, stdout, stderr)."""
+    from llmctl.cli import main
+
+    old = sys.argv
+    sys.argv = ["llmctl", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+def manifest(stage_dir) -> dict:
+    return json.loads((Path(stage_dir) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(assets, tmp_path_factory):
+    """A tiny OPT model pretrained for a few steps on the demo corpus (built once per session)."""
+    from llmctl.pipeline import run_stage
+    from llmctl.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("pretrained")
+    path = root / "recipe.toml"
+    path.write_text(tiny_recipe_text(assets, root / "run"))
+    run_stage(load_recipe(path), "pretrain")
+    return root / "run" / "pretrain" / "model"

@@ -1,0 +1,118 @@
+"""CLI contract (GUIDE §2): exit codes 0/1/2, one-line errors, --dry-run, run skipping, data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import manifest, run_cli
+
+
+def test_every_stage_command_exists(capsys):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "merge", "quantize", "bench",
+                  "generate", "run", "demo", "data"):
+        code, out, _ = run_cli([stage, "--help"], capsys)
+        assert code == 0 and "Usage" in out, stage
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pretrain]\nlr = \"fast\"\n")
+    code, out, err = run_cli(["pretrain", bad], capsys)
+    assert code == 2
+    assert err.strip() == f"error: {bad}: pretrain.lr: Input should be a valid number (got 'fast')"
+    assert "Traceback" not in err
+    code, _, err = run_cli(["pretrain", tmp_path / "missing.toml"], capsys)
+    assert code == 2 and err.startswith("error: ") and "missing.toml" in err
+    code, _, err = run_cli(["sft", bad], capsys)  # table missing for the stage asked for
+    assert code == 2
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nseed = \"x\"\n[pretrain]\n")
+    code, _, err = run_cli(["pretrain", bad, "--debug"], capsys)
+    assert code == 2 and "Traceback" in err and err.strip().endswith("(got 'x')")
+
+
+def test_usage_error_exits_2(capsys):
+    code, _, _ = run_cli(["pretrain"], capsys)
+    assert code == 2
+
+
+def test_missing_dataset_is_exit_2(tiny_recipe, tmp_path, capsys):
+    code, _, err = run_cli(["pretrain", tiny_recipe(), "--set", f"data.corpus.path=\"{tmp_path}/nope\""], capsys)
+    assert code == 2 and f"data.corpus.path: dataset {tmp_path}/nope does not exist" in err
+
+
+def test_missing_column_is_exit_2(tiny_recipe, capsys):
+    code, _, err = run_cli(["pretrain", tiny_recipe(), "--set", "data.corpus.columns={text = \"body\"}"], capsys)
+    assert code == 2
+    assert "data.corpus.columns.text: dataset" in err and "no column 'body'" in err and "columns: text" in err
+
+
+def test_unimplemented_stage_exits_1(tiny_recipe, capsys):
+    recipe = tiny_recipe("\n[merge]\n")
+    code, _, err = run_cli(["merge", recipe], capsys)
+    assert code == 1 and "not implemented yet" in err
+
+
+def test_dry_run_prints_resolved_and_touches_nothing(tiny_recipe, tmp_path, capsys):
+    code, out, err = run_cli(["pretrain", tiny_recipe(), "--dry-run", "--set", "pretrain.lr=0.1"], capsys)
+    assert code == 0, err
+    resolved = json.loads(out)
+    assert resolved["recipe"]["pretrain"]["lr"] == 0.1
+    assert resolved["recipe"]["pretrain"]["weight_decay"] == 0.0  # defaults filled in
+    assert resolved["recipe"]["run"]["dir"] == str(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_option(tiny_recipe, tmp_path, capsys):
+    code, out, _ = run_cli(["run", tiny_recipe(), "--dry-run", "--run-dir", tmp_path / "elsewhere"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["recipe"]["run"]["dir"] == str(tmp_path / "elsewhere")
+    assert data["stages"] == ["pretrain", "generate"]
+    assert data["inputs"]["generate"]["model"] == str(tmp_path / "elsewhere" / "pretrain" / "model")
+
+
+def test_run_skips_up_to_date_stages(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe()
+    code, _, err = run_cli(["run", recipe], capsys)
+    assert code == 0, err
+    first = manifest(tmp_path / "run" / "pretrain")["finished_at"]
+    code, _, err = run_cli(["run", recipe], capsys)
+    assert code == 0 and err.count("up to date, skipped") == 2
+    assert manifest(tmp_path / "run" / "pretrain")["finished_at"] == first
+    # a changed generate setting reruns generate only
+    code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
+    assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
+
+
+def test_data_ingest_show_query(tmp_path, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"tax news {i}" if i % 2 else f"sports {i}",
+                                         "id": i}) for i in range(6)))
+    dest = tmp_path / "ds"
+    code, out, err = run_cli(["data", "ingest", src, "--to", dest, "-m", "first import"], capsys)
+    assert code == 0 and "ingested 6 rows" in out, err
+    import deeplake
+
+    ds = deeplake.open_read_only(str(dest))
+    assert [v.message for v in ds.history][-1] == "first import"
+    code, out, _ = run_cli(["data", "show", dest, "-n", "2"], capsys)
+    assert code == 0 and "sports 0" in out and "tax news 1" in out and "sports 2" not in out
+    code, out, _ = run_cli(["data", "query", dest, "SELECT * WHERE contains(text, 'tax')"], capsys)
+    assert code == 0 and "3 matching rows" in out and "sports" not in out
+    code, _, err = run_cli(["data", "show", dest, "--columns", "label"], capsys)
+    assert code == 2 and "no column 'label'" in err
+    code, _, err = run_cli(["data", "ingest", src, "--to", dest], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(["data", "show", tmp_path / "nope"], capsys)
+    assert code == 2
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "llmctl", "sft", "nope.toml"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "error: nope.toml: recipe file not found"

@@ -1,0 +1,115 @@
+"""Data layer: Deep Lake round trip, TQL queries, splits, templates, ingest, errors."""
+
+import json
+
+import pytest
+
+from llmctl.data import Template, TokenBlocks, open_split, read_records, write_dataset
+from llmctl.errors import UserError
+from llmctl.recipe import DataSource
+
+
+@pytest.fixture
+def qa_ds(tmp_path):
+    path = str(tmp_path / "qa")
+    rows = [{"question": f"What is {i} plus 1?", "answer": str(i + 1), "n": i} for i in range(50)]
+    write_dataset(path, rows, "qa rows")
+    return path
+
+
+def test_round_trip_and_split(qa_ds):
+    source = DataSource(path=qa_ds, template="qa", eval_fraction=0.1)
+    train = open_split(source, ["question", "answer"], "train", "data.qa")
+    evals = open_split(source, ["question", "answer"], "eval", "data.qa")
+    assert (len(train), len(evals)) == (45, 5)
+    rows = train.rows()
+    assert rows[0] == {"question": "What is 0 plus 1?", "answer": "1"}
+    assert evals.rows()[0]["answer"] == "46"
+    # chunked streaming yields the same rows as one read
+    assert list(train.iter_rows(chunk=7)) == rows
+
+
+def test_query_limit_and_column_mapping(qa_ds):
+    source = DataSource(path=qa_ds, columns={"text": "question"}, template="text",
+                        query="SELECT * WHERE n >= 40", eval_fraction=0.0)
+    split = open_split(source, ["text"], "train", "data.q")
+    assert [r["text"] for r in split.rows()][:2] == ["What is 40 plus 1?", "What is 41 plus 1?"]
+    assert len(split) == 10
+    limited = open_split(source.model_copy(update={"limit": 3}), ["text"], "train", "data.q")
+    assert len(limited) == 3
+
+
+def test_missing_column_names_column_and_columns(qa_ds):
+    source = DataSource(path=qa_ds, columns={"answer": "response"})
+    with pytest.raises(UserError) as err:
+        open_split(source, ["question", "answer"], "train", "data.qa")
+    msg = str(err.value)
+    assert "data.qa.columns.answer" in msg and "'response'" in msg
+    assert "question, answer, n" in msg
+
+
+def test_missing_dataset_and_bad_query(tmp_path, qa_ds):
+    with pytest.raises(UserError, match="data.x.path: dataset .*nope does not exist"):
+        open_split(DataSource(path=str(tmp_path / "nope")), ["text"], "train", "data.x")
+    with pytest.raises(UserError, match="data.x.query: query failed"):
+        open_split(DataSource(path=qa_ds, query="SELEKT nonsense"), ["question"], "train", "data.x")
+
+
+def test_templates():
+    qa = Template.get("qa")
+    row = {"question": "Why?", "answer": "Because."}
+    assert qa.render(row) == "Question: Why?\n\nAnswer: Because."
+    assert qa.prompt(row) == "Question: Why?\n\nAnswer: "
+    senti = Template.get("sentiment")
+    row = {"instruction": "Sentiment?", "input": "Shares fell.", "output": "negative"}
+    assert senti.render(row) == "Sentiment?\n\nContent: Shares fell.\n\nSentiment: negative"
+    assert senti.split(row) == ("Sentiment?\n\nContent: Shares fell.\n\nSentiment: ", "negative")
+    assert Template.get("Q: {q} A: {a}").fields == ["q", "a"]
+    with pytest.raises(UserError, match="no field 'answer'"):
+        qa.render({"question": "x"})
+    with pytest.raises(UserError, match="not a known template"):
+        Template.get("alpaca-ish")
+
+
+def test_token_blocks_pack_and_pad(qa_ds, tokenizer):
+    source = DataSource(path=qa_ds, template="qa", eval_fraction=0.0)
+    split = open_split(source, ["question", "answer"], "train", "data.qa")
+    template = Template.get("qa")
+    docs = [tokenizer(template.render(r))["input_ids"] + [tokenizer.eos_token_id]
+            for r in split.rows()]
+    stream = [t for d in docs for t in d]
+    packed = list(TokenBlocks(split, template, tokenizer, seq_len=16, pack=True))
+    assert len(packed) == len(stream) // 16 == TokenBlocks(split, template, tokenizer, 16).count()
+    assert packed[1]["input_ids"].tolist() == stream[16:32]
+    assert packed[1]["labels"].tolist() == stream[16:32]
+    padded = list(TokenBlocks(split, template, tokenizer, seq_len=64, pack=False))
+    assert len(padded) == len(split)
+    first = padded[0]
+    n = len(docs[0])
+    assert first["attention_mask"].sum() == n and first["input_ids"][:n].tolist() == docs[0]
+    assert (first["labels"][n:] == -100).all()
+    # repeat=True cycles: the stream starts over after one pass
+    cycled = TokenBlocks(split, template, tokenizer, seq_len=16, pack=True, repeat=True)
+    it = iter(cycled)
+    again = [next(it) for _ in range(len(packed) + 1)][-1]
+    assert again["input_ids"].tolist() == packed[0]["input_ids"].tolist()
+
+
+def test_ingest_formats(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"line {i}", "label": i % 2}) for i in range(5)))
+    txt = tmp_path / "b.txt"
+    txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    csv = tmp_path / "c.csv"
+    csv.write_text("text,label\nhello,1\nworld,0\n")
+    assert len(read_records(jsonl)) == 5
+    assert read_records(txt) == [{"text": "first paragraph\nstill first"}, {"text": "second paragraph"}]
+    assert read_records(csv)[1] == {"text": "world", "label": 0}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: invalid JSON"):
+        read_records(bad)
+    dest = str(tmp_path / "ds")
+    write_dataset(dest, read_records(jsonl), "first")
+    with pytest.raises(UserError, match="already exists"):
+        write_dataset(dest, read_records(jsonl), "again")
