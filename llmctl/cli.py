@@ -8,7 +8,6 @@ Exit codes: 0 success, 2 invalid input (one ``error:`` line), 1 any other failur
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ import click
 import typer
 
 from llmctl.errors import UserError
+from llmctl.env import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain, fine-tune, align, merge, quantize, benchmark and run language "
@@ -197,27 +197,10 @@ def _print_rows(view, limit: int, columns: Optional[list[str]], title: str) -> N
     Console().print(table)
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import logging
-    import warnings
-
-    # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-
-
 def main() -> None:
     debug = "--debug" in sys.argv
     if not debug:
-        _quiet_libraries()
+        quiet_libraries()
     try:
         rc = app(standalone_mode=False)
     except click.exceptions.ClickException as err:  # usage errors: exit 2 like argparse

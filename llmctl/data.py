@@ -69,8 +69,14 @@ class Template:
         return Template(head).render(row) if Template(head).fields else head
 
     def split(self, row: dict[str, Any]) -> tuple[str, str]:
-        """(prompt, completion) for completion-only losses and preference data."""
-        return self.prompt(row), _as_text(row[self.response_field])
+        """(prompt, completion) for completion-only losses, scoring and preference data.
+
+        The space before the response moves to the completion: BPE tokenizers join it to the
+        next word (" negative"), so prompt + completion tokenize as the rendered text does.
+        """
+        prompt = self.prompt(row)
+        context = prompt.rstrip(" ")
+        return context, prompt[len(context):] + _as_text(row[self.response_field])
 
 
 def _as_text(value: Any) -> str:

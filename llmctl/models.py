@@ -24,6 +24,7 @@ from transformers import (
 
 from llmctl.errors import UserError
 from llmctl.recipe import ModelConfig
+from llmctl.rundir import looks_local
 
 ARCHITECTURES = {"gpt2": GPT2Config, "opt": OPTConfig, "llama": LlamaConfig}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -90,11 +91,14 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
     model_cfg = model_cfg or ModelConfig()
     dtype = torch_dtype(dtype or model_cfg.dtype)
     common = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  torch_dtype=dtype, use_safetensors=True, **kwargs)
+                  dtype=dtype, use_safetensors=True, **kwargs)
     if is_adapter_dir(path):
         from peft import PeftModel
 
         base_path = adapter_base(path)
+        if looks_local(base_path) and not Path(base_path).exists():
+            raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base_path} "
+                            f"does not exist")
         base = _from_pretrained(base_path, common)
         try:
             return PeftModel.from_pretrained(base, path)
@@ -104,6 +108,8 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
 
 
 def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    if Path(path).exists():
+        path = str(Path(path).resolve())  # adapters record this as their base: make it absolute
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

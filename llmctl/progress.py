@@ -91,3 +91,4 @@ def save_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str) -
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+

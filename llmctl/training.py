@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+import time
+
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from llmctl.models import resolve_precision
 from llmctl.progress import RichProgress, console
@@ -12,7 +14,9 @@ from llmctl.rundir import StageRun
 
 
 def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
+                  args_cls: type[TrainingArguments] = TrainingArguments,
                   **overrides) -> TrainingArguments:
+    """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table."""
     precision = resolve_precision(cfg.precision)
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
@@ -49,7 +53,7 @@ def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
         dataloader_num_workers=0,
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return args_cls(**kwargs)
 
 
 def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
@@ -76,3 +80,27 @@ def show_progress(trainer: Trainer, description: str, tokens_per_step: int | Non
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(RichProgress(description, tokens_per_step))
     return trainer
+
+
+class ThroughputMeter(TrainerCallback):
+    """Steady-state optimizer steps per second: the clock starts after the first ``skip`` steps,
+    so one-off costs (lazy init, first data fetch, allocator warm-up) are reported apart."""
+
+    def __init__(self, skip: int = 3):
+        self.skip = skip
+        self.start: tuple[float, int] | None = None
+        self.end: tuple[float, int] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = (time.perf_counter(), state.global_step)
+        if self.start is None:
+            self.skip -= 1
+            if self.skip <= 0:
+                self.start = now
+        else:
+            self.end = now
+
+    def steps_per_second(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return (self.end[1] - self.start[1]) / (self.end[0] - self.start[0])

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 TINY_OPT = ("{ num_hidden_layers = 2, hidden_size = 64, ffn_dim = 128, num_attention_heads = 4, "
-            "max_position_embeddings = 128, word_embed_proj_dim = 64 }")
+            "max_position_embeddings = 128, word_embed_proj_dim = 64, init_std = 0.05 }")
 
 
 @pytest.fixture(scope="session")

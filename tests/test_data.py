@@ -63,7 +63,7 @@ def test_templates():
     senti = Template.get("sentiment")
     row = {"instruction": "Sentiment?", "input": "Shares fell.", "output": "negative"}
     assert senti.render(row) == "Sentiment?\n\nContent: Shares fell.\n\nSentiment: negative"
-    assert senti.split(row) == ("Sentiment?\n\nContent: Shares fell.\n\nSentiment: ", "negative")
+    assert senti.split(row) == ("Sentiment?\n\nContent: Shares fell.\n\nSentiment:", " negative")
     assert Template.get("Q: {q} A: {a}").fields == ["q", "a"]
     with pytest.raises(UserError, match="no field 'answer'"):
         qa.render({"question": "x"})

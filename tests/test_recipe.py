@@ -1,5 +1,7 @@
 """Recipe schema: each error class names the file and the dotted key; overrides are typed."""
 
+import json
+
 import pytest
 
 from llmctl.errors import UserError
@@ -130,3 +132,35 @@ def test_course_gpt2_sizes():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=50257, **overrides))
         assert round(count_params(model) / 1e6, 1) == millions
+
+
+def test_repo_recipes_dry_run(capsys):
+    """Every shipped recipe validates and resolves its stage inputs with `llmctl run --dry-run`."""
+    from pathlib import Path
+
+    from tests.conftest import run_cli
+
+    for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.toml")):
+        code, out, err = run_cli(["run", path, "--dry-run"], capsys)
+        assert code == 0, f"{path}: {err}"
+        assert json.loads(out)["stages"], path
+
+
+def test_course_lora_trainable_count():
+    """OPT-1.3B with LoRA r=16 on the default targets: 3,145,728 of 1,318,903,808 (0.2385%)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from llmctl.models import count_params
+    from llmctl.recipe import LoraConfig
+    from llmctl.stages.sft import lora_config
+
+    config = OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
+                       num_attention_heads=32, word_embed_proj_dim=2048, vocab_size=50272)
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               lora_config(LoraConfig(), AutoModelForCausalLM.from_config(config)))
+    trainable, total = count_params(model, trainable_only=True), count_params(model)
+    assert (trainable, total) == (3_145_728, 1_318_903_808)
+    assert round(100 * trainable / total, 4) == 0.2385

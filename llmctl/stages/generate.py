@@ -74,7 +74,12 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def apply_template(template: Template | None, prompt: str) -> str:
-    """A prompt fills the template's first field; a JSON object prompt fills several fields."""
+    """A prompt fills the template's first field; a JSON object prompt fills several fields.
+
+    The prompt is the text before the template's response field, less trailing spaces: a BPE
+    tokenizer joins that space to the answer's first word, so "Answer:" + " Paris" matches how
+    the model saw "Answer: Paris" in training, where "Answer: " + "Paris" would not.
+    """
     if template is None:
         return prompt
     fields = [f for f in template.fields if f != template.response_field]
@@ -84,11 +89,11 @@ def apply_template(template: Template | None, prompt: str) -> str:
         except json.JSONDecodeError:
             row = None
         if isinstance(row, dict):
-            return template.prompt(row)
+            return template.split({**row, template.response_field: ""})[0]
     if len(fields) != 1:
         raise UserError(f"generate.template: {template.text!r} has fields {fields}; give each "
                         f"prompt as a JSON object with those keys")
-    return template.prompt({fields[0]: prompt})
+    return template.split({fields[0]: prompt, template.response_field: ""})[0]
 
 
 @torch.inference_mode()
@@ -115,9 +120,16 @@ def generate(model, tokenizer, text: str, cfg: GenerateConfig) -> tuple[list[str
     new = out[:, batch["input_ids"].shape[1]:]
     completions = [cut_at_stop(t, cfg.stop)
                    for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    n_tokens = int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None \
-        else new.numel()
-    return completions, n_tokens
+    return completions, sum(generated_length(seq, tokenizer.eos_token_id) for seq in new)
+
+
+def generated_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
+    """New tokens up to and including the first eos (what follows is padding)."""
+    if eos_token_id is not None:
+        hits = (tokens == eos_token_id).nonzero()
+        if len(hits):
+            return int(hits[0]) + 1
+    return len(tokens)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

@@ -20,7 +20,8 @@ from llmctl.models import build_causal_lm, count_params, human_count, load_causa
 from llmctl.progress import console, save_loss_curve, stage_header
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import loss_first_last, show_progress, train, training_args
+from llmctl.training import ThroughputMeter, loss_first_last, show_progress, train, \
+    training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -56,6 +57,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if cfg.eval_max_batches else None
     eval_blocks = list(islice(TokenBlocks(eval_split, template, tokenizer, cfg.seq_len, cfg.pack),
                               eval_cap))
+    if not eval_blocks:
+        raise UserError(f"{key}: the eval split holds fewer than seq_len={cfg.seq_len} tokens "
+                        f"(raise eval_fraction or set eval_path)")
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     max_steps = cfg.max_steps
@@ -71,29 +75,32 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-pretrain",
                          max_steps=max_steps)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks,
-                      eval_dataset=eval_blocks or None, data_collator=default_data_collator)
+                      eval_dataset=eval_blocks, data_collator=default_data_collator)
     show_progress(trainer, "pretrain", tokens_per_step)
+    meter = ThroughputMeter()
+    trainer.add_callback(meter)
 
     # -- train ------------------------------------------------------------------------------
     result, start_step = train(trainer, stage)
-    eval_metrics = trainer.evaluate() if eval_blocks else {}
+    eval_loss = float(trainer.evaluate()["eval_loss"])
 
     # -- save -------------------------------------------------------------------------------
     save_model(trainer.model, tokenizer, stage.path("model"))
     save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "pretrain")
     first, last = loss_first_last(trainer.state.log_history)
-    eval_loss = float(eval_metrics.get("eval_loss", math.nan))
     steps_run = trainer.state.global_step - start_step
     metrics = {
         "num_params": num_params,
         "train_loss_first": first,
         "train_loss_last": last,
         "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(eval_loss) if eval_loss == eval_loss else math.nan,
+        "eval_perplexity": math.exp(eval_loss),
         "tokens_per_second": tokens_per_step * max(steps_run, 1) / result.metrics["train_runtime"],
         "global_step": trainer.state.global_step,
         "train_tokens": tokens_per_step * trainer.state.global_step,
     }
+    if meter.steps_per_second():
+        metrics["tokens_per_second_steady"] = tokens_per_step * meter.steps_per_second()
     final = stage.finish(metrics, {"model": "model", "loss_curve": "loss_curve.png"})
     console.print(f"  loss {first:.3f} -> {last:.3f}, eval perplexity {metrics['eval_perplexity']:.2f}"
                   f", {metrics['tokens_per_second']:,.0f} tokens/s -> {final}")

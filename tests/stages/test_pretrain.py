@@ -46,13 +46,13 @@ def test_pretrain_lowers_loss_and_writes_manifest(tiny_recipe, tmp_path, capsys)
 def test_pretrain_epochs_become_steps(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe()
     code, _, err = run_cli(["pretrain", recipe, "--set", "pretrain.max_steps=-1",
-                            "--set", "pretrain.epochs=0.5", "--set", "data.corpus.limit=60"], capsys)
+                            "--set", "pretrain.epochs=0.5", "--set", "data.corpus.limit=200"], capsys)
     assert code == 0, err
     from llmctl.data import Template, TokenBlocks, open_split
     from llmctl.models import load_tokenizer
     from llmctl.recipe import load_recipe
 
-    r = load_recipe(recipe, ["data.corpus.limit=60"])
+    r = load_recipe(recipe, ["data.corpus.limit=200"])
     split = open_split(r.data["corpus"], ["text"], "train", "data.corpus")
     blocks = TokenBlocks(split, Template.get("text"), load_tokenizer(r.model.tokenizer), 64).count()
     assert manifest(tmp_path / "run" / "pretrain")["metrics"]["global_step"] == math.ceil(0.5 * blocks / 8)

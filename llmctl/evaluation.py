@@ -1,0 +1,71 @@
+"""Scoring a causal LM on a labelled split by comparing label log-likelihoods.
+
+For each row the model sees the template's prompt and every candidate label (the distinct values
+of the response field in the split); the prediction is the label with the highest total
+log-likelihood, as lm-evaluation-harness scores multiple-choice tasks. Used for the before/after
+evidence of `llmctl sft`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmctl.data import Template
+
+MAX_LABELS = 20  # above this the response field is free text, not a label
+
+
+def candidate_labels(rows: list[dict[str, Any]], template: Template) -> list[str] | None:
+    labels = sorted({str(r[template.response_field]) for r in rows})
+    return labels if 1 < len(labels) <= MAX_LABELS else None
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tokenizer, context: str, continuations: list[str]) -> list[float]:
+    """Sum of log p(continuation tokens | context) for each continuation, in one batch."""
+    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    seqs, starts = [], []
+    for cont in continuations:
+        full = tokenizer(context + cont, add_special_tokens=False)["input_ids"]
+        # BPE merges across the boundary rarely; find the longest shared prefix to be safe.
+        start = 0
+        while start < min(len(ctx_ids), len(full)) and ctx_ids[start] == full[start]:
+            start += 1
+        seqs.append(full)
+        starts.append(max(start, 1))
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1).cpu()
+    scores = []
+    for i, s in enumerate(seqs):
+        targets = torch.tensor(s[starts[i]:])
+        positions = torch.arange(starts[i] - 1, len(s) - 1)
+        scores.append(float(logprobs[i, positions, targets].sum()))
+    return scores
+
+
+def label_accuracy(model, tokenizer, rows: list[dict[str, Any]], template: Template,
+                   labels: list[str]) -> float:
+    """Fraction of rows whose true label gets the highest log-likelihood after the prompt."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for row in rows:
+        # Template.split moves the space before the label into the label, as tokenized in training.
+        context, _ = template.split(row)
+        gap = template.prompt(row)[len(context):]
+        scores = continuation_logprobs(model, tokenizer, context, [gap + lab for lab in labels])
+        correct += labels[max(range(len(labels)), key=scores.__getitem__)] == str(
+            row[template.response_field])
+    if was_training:
+        model.train()
+    return correct / len(rows)

@@ -1,0 +1,202 @@
+"""`llmctl sft`: supervised fine-tuning with trl's SFTTrainer, LoRA / QLoRA (peft) or full.
+
+Setup (tokenizer, model with the course's stability switches, adapter, data through the recipe's
+template) -> score the label task before -> train -> evaluate -> score after -> save the adapter
+(or the full model), tokenizer, loss curve and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from llmctl.data import Template, open_split
+from llmctl.errors import UserError
+from llmctl.evaluation import candidate_labels, label_accuracy
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, save_model
+from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.recipe import DataSource, LoraConfig, Recipe, SftConfig
+from llmctl.rundir import StageRun, require_input
+from llmctl.training import loss_first_last, show_progress, train, training_args
+
+# Where LoRA goes when the recipe does not say: the attention query/value projections, as in
+# the LoRA paper and the course (OPT: q_proj, v_proj -> 3,145,728 trainable of 1.3B at r=16).
+DEFAULT_TARGETS = {
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+EVAL_TASK_ROWS = 200  # rows scored for eval_task_accuracy_before/after
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg: SftConfig = recipe.stage_config("sft")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("sft")
+    require_input(inputs["model"], "sft.model")
+    if cfg.method == "qlora":
+        require_qlora_support()
+
+    # -- data -------------------------------------------------------------------------------
+    source = recipe.data_source("sft", cfg.data)
+    template = Template.get(source.template)
+    key = f"data.{cfg.data}"
+    train_split = open_split(source, template.fields, "train", key)
+    eval_split = open_split(source, template.fields, "eval", key)
+
+    # -- model ------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(inputs["model"], recipe.model)
+    model = load_base_model(inputs["model"], recipe, cfg)
+    peft_config = lora_config(cfg.lora, model) if cfg.method != "full" else None
+    stage_header("sft", f"{cfg.method} on {inputs['model']}: {len(train_split):,} train rows, "
+                        f"{len(eval_split):,} eval rows")
+
+    eval_rows = eval_split.rows()[:EVAL_TASK_ROWS]
+    labels = candidate_labels(eval_rows, template) if cfg.eval_task else None
+    accuracy_before = label_accuracy(model, tokenizer, eval_rows, template, labels) if labels else None
+
+    stage = StageRun(run_dir, "sft", recipe.stage_hash("sft"), recipe.run.seed, cfg.model_dump(),
+                     inputs).begin()
+    cache = str(stage.path("datasets"))
+    train_ds = to_hf_dataset(source, template, "train", key, cfg.completion_only_loss, cache)
+    eval_ds = to_hf_dataset(source, template, "eval", key, cfg.completion_only_loss, cache)
+    if cfg.eval_max_batches:  # rows, not packed blocks: a cap on evaluation cost
+        eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.eval_max_batches
+                                           * (cfg.eval_batch_size or cfg.batch_size))))
+    args = training_args(
+        cfg, stage, recipe.run.seed, f"{recipe.run.name}-sft", args_cls=SFTConfig,
+        max_length=cfg.seq_len,
+        packing=cfg.packing,
+        packing_strategy="wrapped",  # the course's ConstantLengthDataset: fill every block
+        completion_only_loss=cfg.completion_only_loss,
+        dataset_text_field="text",
+        dataset_kwargs={"skip_prepare_dataset": False},
+        eval_packing=cfg.packing,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+    if cfg.fp32_norms_and_head:
+        keep_head_output_fp32(trainer.model)
+    show_progress(trainer, "sft", cfg.batch_size * cfg.grad_accum * cfg.seq_len)
+    trainable, total = count_params(trainer.model, trainable_only=True), count_params(trainer.model)
+    console.print(f"  trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+    # -- train ------------------------------------------------------------------------------
+    train(trainer, stage)
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+    accuracy_after = label_accuracy(trainer.model, tokenizer, eval_rows, template, labels) \
+        if labels else None
+
+    # -- save -------------------------------------------------------------------------------
+    output = "model" if cfg.method == "full" else "adapter"
+    save_model(trainer.model, tokenizer, stage.path(output))
+    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "sft")
+    first, last = loss_first_last(trainer.state.log_history)
+    metrics = {
+        "trainable_params": trainable,
+        "all_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_loss_first": first,
+        "train_loss_last": last,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss),
+        "global_step": trainer.state.global_step,
+    }
+    if labels:
+        metrics["eval_task_accuracy_before"] = accuracy_before
+        metrics["eval_task_accuracy_after"] = accuracy_after
+        metrics["eval_task_chance"] = 1 / len(labels)
+        console.print(f"  label accuracy on {len(eval_rows)} held-out rows: "
+                      f"{accuracy_before:.3f} before -> {accuracy_after:.3f} after "
+                      f"(chance {1 / len(labels):.3f})")
+    stage.finish(metrics, {output: output, "loss_curve": "loss_curve.png"},
+                 extra={"base_model": str(Path(inputs["model"]).resolve())
+                        if Path(inputs["model"]).exists() else inputs["model"]})
+    return metrics
+
+
+def require_qlora_support() -> None:
+    if not torch.cuda.is_available():
+        raise UserError("sft.method: \"qlora\" needs a CUDA GPU (bitsandbytes 4-bit NF4); "
+                        "on CPU use method = \"lora\" (bf16 with AMX) or \"full\"")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("sft.method: \"qlora\" needs bitsandbytes: pip install 'llmctl[cuda]'") from None
+
+
+def load_base_model(path: str, recipe: Recipe, cfg: SftConfig):
+    kwargs = {}
+    dtype = "bfloat16" if cfg.load_in_bf16 else None
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        dtype = "bfloat16"
+    model = load_causal_lm(path, recipe.model, dtype=dtype, **kwargs)
+    if cfg.fp32_norms_and_head:
+        # The course's stability measure: norms and biases (1-D) in fp32 while weights are bf16.
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.data = param.data.float()
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing and cfg.method == "lora":
+        model.enable_input_require_grads()  # adapters need grads flowing into checkpointed blocks
+    return model
+
+
+def keep_head_output_fp32(model) -> None:
+    """Cast the LM head's output to fp32 (a hook, so saved weights keep their names)."""
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, output: output.float())
+
+
+def lora_config(cfg: LoraConfig, model):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules or DEFAULT_TARGETS.get(model.config.model_type)
+    if targets:
+        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        for target in targets:
+            if target not in leaf_names:
+                linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                 if type(module).__name__ in ("Linear", "Conv1D")})
+                raise UserError(f"sft.lora.target_modules: no module '{target}' in this "
+                                f"{model.config.model_type} model (linear layers: "
+                                f"{', '.join(linear)})")
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
+                          target_modules=targets, task_type="CAUSAL_LM")
+
+
+def _rows(path: str, source_json: str, split: str, key: str, completion_only: bool):
+    """Generator for datasets.Dataset.from_generator: rows of one split, rendered."""
+    source = DataSource.model_validate_json(source_json)
+    template = Template.get(source.template)
+    for row in open_split(source, template.fields, split, key).iter_rows():
+        if completion_only:
+            prompt, completion = template.split(row)
+            yield {"prompt": prompt, "completion": completion}
+        else:
+            yield {"text": template.render(row)}
+
+
+def to_hf_dataset(source: DataSource, template: Template, split: str, key: str,
+                  completion_only: bool, cache_dir: str) -> Dataset:
+    """Stream a split into an on-disk Arrow dataset (memory-mapped, never all in RAM)."""
+    return Dataset.from_generator(
+        _rows, cache_dir=cache_dir, keep_in_memory=False,
+        gen_kwargs={"path": source.path, "source_json": source.model_dump_json(), "split": split,
+                    "key": key, "completion_only": completion_only})

@@ -1,0 +1,39 @@
+"""`llmctl demo` end to end on the embedded assets, and recipes/demo.toml staying in step."""
+
+import re
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from tests.conftest import manifest, run_cli
+
+REPO = Path(__file__).parents[1]
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    pretrain = manifest(run_dir / "pretrain")["metrics"]
+    assert pretrain["train_loss_last"] < pretrain["train_loss_first"] - 2.0
+    assert pretrain["eval_perplexity"] < 1000  # 4,096-token vocabulary: uniform would be 4,096
+    sft = manifest(run_dir / "sft")["metrics"]
+    # the evidence that fine-tuning teaches the task: label accuracy on held-out rows
+    assert sft["eval_task_accuracy_after"] >= sft["eval_task_accuracy_before"] + 0.15
+    assert sft["eval_task_accuracy_after"] >= sft["eval_task_chance"] + 0.15
+    assert manifest(run_dir / "merge")["metrics"]["max_abs_logit_diff"] < 1e-3
+    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "merge" / "model")
+    assert manifest(run_dir / "generate")["metrics"]["new_tokens"] > 0
+    assert "llmctl demo" in out and "eval_task_accuracy_after" in out
+    # a second run skips every finished stage
+    code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
+    assert code == 0 and err.count("up to date, skipped") == 4
+
+
+def test_repo_demo_recipe_matches_embedded_one():
+    template = resources.files("llmctl.demo").joinpath("demo.toml").read_text()
+    shipped = (REPO / "recipes" / "demo.toml").read_text()
+    strip = lambda text: [l for l in text.splitlines() if not l.startswith("#")]  # noqa: E731
+    names = set(re.findall(r"\$\{(\w+)\}", template))
+    expected = Template(template).substitute({n: f"runs/demo/assets/{n}" for n in names})
+    assert strip(shipped) == strip(expected)
