@@ -193,6 +193,44 @@ def open_split(source: DataSource, fields: list[str], split: str, key: str) -> S
     return Split(view, start, stop, columns, path)
 
 
+def preference_split(source: DataSource, split: str, key: str) -> Split:
+    """chosen/rejected pairs, with the prompt when the source maps one or the dataset has one."""
+    ds = open_dataset(source.eval_path if split == "eval" and source.eval_path else source.path,
+                      f"{key}.path")
+    has_prompt = "prompt" in source.columns or "prompt" in column_names(ds)
+    return open_split(source, (["prompt"] if has_prompt else []) + ["chosen", "rejected"], split, key)
+
+
+def _hf_rows(source_json: str, split: str, key: str, layout: str):
+    """Generator for datasets.Dataset.from_generator (top level, so the datasets cache can hash it)."""
+    source = DataSource.model_validate_json(source_json)
+    if layout == "preference":
+        for row in preference_split(source, split, key).iter_rows():
+            yield {k: _as_text(v) for k, v in row.items()}
+        return
+    template = Template.get(source.template)
+    for row in open_split(source, template.fields, split, key).iter_rows():
+        if layout == "prompt_completion":
+            prompt, completion = template.split(row)
+            yield {"prompt": prompt, "completion": completion}
+        else:
+            yield {"text": template.render(row)}
+
+
+def hf_dataset(source: DataSource, split: str, key: str, layout: str, cache_dir: str):
+    """A split as an on-disk Arrow dataset for trl (memory-mapped, never all in RAM).
+
+    ``layout``: "text" (rendered template), "prompt_completion" (template split at its response
+    field) or "preference" (prompt?/chosen/rejected columns).
+    """
+    from datasets import Dataset
+
+    return Dataset.from_generator(
+        _hf_rows, cache_dir=cache_dir, keep_in_memory=False,
+        gen_kwargs={"source_json": source.model_dump_json(), "split": split, "key": key,
+                    "layout": layout})
+
+
 # -- token streams ---------------------------------------------------------------------------------
 
 

@@ -12,8 +12,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # llmctl shows its own progress
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental
     # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
-    for name in ("torchao", "torch.utils._pytree"):
+    # neural-compressor (imported by peft) announces the accelerator it detected.
+    for name in ("torchao", "torch.utils._pytree", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

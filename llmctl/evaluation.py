@@ -69,3 +69,39 @@ def label_accuracy(model, tokenizer, rows: list[dict[str, Any]], template: Templ
     if was_training:
         model.train()
     return correct / len(rows)
+
+
+@torch.inference_mode()
+def reward_scores(model, tokenizer, texts: list[str], max_length: int = 512,
+                  batch_size: int = 16) -> list[float]:
+    """The scalar a one-label sequence classifier gives each text, with its own tokenizer."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length).to(device)
+        batch.pop("token_type_ids", None) if "token_type_ids" not in _forward_args(model) else None
+        scores += model(**batch).logits.float().squeeze(-1).tolist()
+    if was_training:
+        model.train()
+    return scores
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_length: int
+                        ) -> tuple[float, float]:
+    """(fraction of pairs whose chosen text outscores the rejected one, mean margin)."""
+    prompt = [str(r.get("prompt", "")) for r in rows]
+    chosen = reward_scores(model, tokenizer, [p + str(r["chosen"]) for p, r in zip(prompt, rows)],
+                           max_length)
+    rejected = reward_scores(model, tokenizer,
+                             [p + str(r["rejected"]) for p, r in zip(prompt, rows)], max_length)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)

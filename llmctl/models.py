@@ -14,6 +14,9 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DebertaV2Config,
     AutoTokenizer,
     GPT2Config,
     LlamaConfig,
@@ -23,10 +26,22 @@ from transformers import (
 )
 
 from llmctl.errors import UserError
-from llmctl.recipe import ModelConfig
+from llmctl.recipe import LoraConfig, ModelConfig
 from llmctl.rundir import looks_local
 
-ARCHITECTURES = {"gpt2": GPT2Config, "opt": OPTConfig, "llama": LlamaConfig}
+# Where LoRA goes when the recipe does not say: the attention query/value projections, as in
+# the LoRA paper and the course (OPT: q_proj, v_proj -> 3,145,728 trainable of 1.3B at r=16).
+DEFAULT_TARGETS = {
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+ARCHITECTURES = {"gpt2": GPT2Config, "opt": OPTConfig, "llama": LlamaConfig,
+                 "bert": BertConfig, "deberta-v2": DebertaV2Config}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,19 +135,49 @@ def build_causal_lm(architecture: str, overrides: dict[str, Any],
                     tokenizer: PreTrainedTokenizerBase, seq_len: int,
                     key: str = "pretrain.config") -> PreTrainedModel:
     """A freshly initialised model of the given architecture, sized by ``overrides``."""
+    config = _config(architecture, overrides, tokenizer, key)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
+    if seq_len > positions:
+        field = "n_positions" if architecture == "gpt2" else "max_position_embeddings"
+        raise UserError(f"{key.rsplit('.', 1)[0]}.seq_len: {seq_len} exceeds the model's "
+                        f"{positions} positions (raise {key}.{field})")
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_classifier(architecture: str, overrides: dict[str, Any],
+                     tokenizer: PreTrainedTokenizerBase, key: str) -> PreTrainedModel:
+    """A fresh sequence classifier with one output: a reward model built from a config."""
+    config = _config(architecture, overrides, tokenizer, key)
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _config(architecture: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+            key: str):
     config_cls = ARCHITECTURES[architecture]
     valid = set(config_cls().to_dict()) | set(config_cls.attribute_map)
     for name in overrides:
         if name not in valid:
             raise UserError(f"{key}.{name}: not a field of {config_cls.__name__}")
-    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = config_cls(**{**special, **overrides})
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings")
-    if seq_len > positions:
-        raise UserError(f"pretrain.seq_len: {seq_len} exceeds the model's {positions} positions "
-                        f"(raise {key}.{'n_positions' if architecture == 'gpt2' else 'max_position_embeddings'})")
-    return AutoModelForCausalLM.from_config(config)
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if tokenizer.bos_token_id is not None:
+        special.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return config_cls(**{**special, **overrides})
+
+
+def load_classifier(path: str, model_cfg: ModelConfig | None = None,
+                    dtype: str | None = None) -> PreTrainedModel:
+    """A sequence classifier with one output (a reward or value model) from a directory or hub
+    id; a causal LM's weights get a fresh score head, the InstructGPT way."""
+    model_cfg = model_cfg or ModelConfig()
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  dtype=torch_dtype(dtype or model_cfg.dtype), use_safetensors=True, num_labels=1)
+    if Path(path).exists():
+        path = str(Path(path).resolve())
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error("model", path, err) from None
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -167,3 +212,21 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     """
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
+
+
+def lora_config(cfg: LoraConfig, model, key: str, task_type: str = "CAUSAL_LM"):
+    """A peft LoraConfig from a recipe's lora table, its target modules checked against the model."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules or DEFAULT_TARGETS.get(model.config.model_type)
+    if targets:
+        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        for target in targets:
+            if target not in leaf_names:
+                linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                 if type(module).__name__ in ("Linear", "Conv1D")})
+                raise UserError(f"{key}.target_modules: no module '{target}' in this "
+                                f"{model.config.model_type} model (linear layers: "
+                                f"{', '.join(linear)})")
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
+                          target_modules=targets, task_type=task_type)

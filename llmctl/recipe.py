@@ -111,6 +111,65 @@ class SftConfig(TrainConfig):
     lr: float = 1e-4
 
 
+class RewardConfig(TrainConfig):
+    """A scalar reward head (sequence classification, 1 label) trained on chosen/rejected pairs."""
+
+    model: str | None = None  # backbone; default: the upstream sft/merge model (InstructGPT way)
+    init: Literal["pretrained", "config"] = "pretrained"
+    architecture: Literal["bert", "deberta-v2", "gpt2", "opt", "llama"] = "bert"  # init = "config"
+    config: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None  # default: the backbone's own
+    method: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_length: int = 512
+    lr: float = 2e-5
+    scheduler: str = "linear"
+
+
+class PpoConfig(Section):
+    """RLHF with trl's PPO: a LoRA policy against a reward model, KL-penalised to the reference."""
+
+    data: str | None = None  # prompts; the source's template turns a row into a query
+    model: str | None = None  # policy; default: the upstream merge/sft model
+    reward_model: str | None = None  # default: <run_dir>/reward/model
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    steps: int = 100  # PPO batches (each: rollout, score, ppo_epochs of updates)
+    batch_size: int = 32  # rollouts per batch (the course: 32)
+    mini_batches: int = 8  # the course: mini-batch 4 of 32 -> 8 mini-batches
+    grad_accum: int = 1
+    ppo_epochs: int = 4
+    lr: float = 1.41e-5
+    query_max_length: int = 400
+    response_length: int = 64  # new tokens per response (trl's v2 PPO: a fixed maximum)
+    temperature: float = 1.0
+    kl_coef: float = 0.2  # initial KL coefficient
+    kl_target: float | None = None  # adapt kl_coef to this KL (Ziegler et al.); None: fixed
+    kl_horizon: int = 10000
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
+    missing_eos_penalty: float | None = None
+    reward_batch_size: int = 16
+    reward_max_length: int = 400
+    eval_prompts: int = 32  # held-out prompts scored before and after PPO
+    max_kl: float | None = None  # fail the stage if the final KL to the reference exceeds this
+    precision: Precision = "auto"
+    save_steps: int = 50
+    logging_steps: int = 1
+    merge: bool = False  # also write a merged standalone model
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+
+
+class DpoConfig(TrainConfig):
+    model: str | None = None  # default: the upstream merge/sft model
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # trl's names: sigmoid, ipo, hinge, robust, ...
+    max_length: int = 512
+    lr: float = 5e-6
+
+
 class MergeConfig(Section):
     adapter: str | None = None  # default: upstream sft (or ppo) adapter
     base: str | None = None  # default: the base recorded in the adapter
@@ -150,9 +209,9 @@ class Recipe(Section):
     pretrain: PretrainConfig | None = None
     sft: SftConfig | None = None
     merge: MergeConfig | None = None
-    reward: dict[str, Any] | None = None  # schema lands with the RLHF issue
-    ppo: dict[str, Any] | None = None
-    dpo: dict[str, Any] | None = None
+    reward: RewardConfig | None = None
+    ppo: PpoConfig | None = None
+    dpo: DpoConfig | None = None
     quantize: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
     generate: GenerateConfig | None = None
@@ -203,6 +262,18 @@ class Recipe(Section):
         if stage == "merge":
             cfg = self.stage_config("merge")
             return {"adapter": cfg.adapter or str(self.run_dir / "sft" / "adapter")}
+        if stage == "reward":
+            cfg = self.stage_config("reward")
+            if cfg.init == "config":
+                return {"tokenizer": cfg.tokenizer or self._require_base("reward.tokenizer")}
+            return {"model": cfg.model or self._model_from("merge", "sft", "pretrain")}
+        if stage == "ppo":
+            cfg = self.stage_config("ppo")
+            return {"model": cfg.model or self._model_from("merge", "sft", "pretrain"),
+                    "reward_model": cfg.reward_model or str(self.run_dir / "reward" / "model")}
+        if stage == "dpo":
+            cfg = self.stage_config("dpo")
+            return {"model": cfg.model or self._model_from("merge", "sft", "pretrain")}
         if stage == "generate":
             return {"model": self.stage_config("generate").model or self._last_model()}
         if stage == "pretrain":
@@ -215,8 +286,15 @@ class Recipe(Section):
     def _model_from(self, *upstream: str) -> str:
         for stage in upstream:
             if getattr(self, stage) is not None:
-                return str(self.run_dir / stage / "model")
+                sub = "adapter" if stage in ("sft", "dpo", "ppo") and self._is_adapter(stage) else "model"
+                return str(self.run_dir / stage / sub)
         return self._require_base("model.name_or_path")
+
+    def _is_adapter(self, stage: str) -> bool:
+        cfg = self.stage_config(stage)
+        if stage == "ppo":
+            return not cfg.merge
+        return cfg.method != "full"
 
     def _require_base(self, key: str) -> str:
         if not self.model.name_or_path:
@@ -224,11 +302,9 @@ class Recipe(Section):
         return self.model.name_or_path
 
     def _last_model(self) -> str:
-        # Later stages win: a merged model beats the sft adapter, which beats the pretrained base.
-        for stage in ("merge", "sft", "pretrain"):
-            if getattr(self, stage) is not None:
-                sub = "adapter" if stage == "sft" and self.sft.method != "full" else "model"
-                return str(self.run_dir / stage / sub)
+        # Later stages win: PPO's policy beats the merged SFT model, which beats the adapter...
+        if any(getattr(self, s) is not None for s in ("ppo", "dpo", "merge", "sft", "pretrain")):
+            return self._model_from("ppo", "dpo", "merge", "sft", "pretrain")
         return self._require_base("generate.model")
 
 

@@ -53,8 +53,8 @@ def test_missing_column_is_exit_2(tiny_recipe, capsys):
 
 
 def test_unimplemented_stage_exits_1(tiny_recipe, capsys):
-    recipe = tiny_recipe("\n[merge]\n")
-    code, _, err = run_cli(["merge", recipe], capsys)
+    recipe = tiny_recipe("\n[quantize]\n")
+    code, _, err = run_cli(["quantize", recipe], capsys)
     assert code == 1 and "not implemented yet" in err
 
 

@@ -22,12 +22,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert sft["eval_task_accuracy_after"] >= sft["eval_task_accuracy_before"] + 0.15
     assert sft["eval_task_accuracy_after"] >= sft["eval_task_chance"] + 0.15
     assert manifest(run_dir / "merge")["metrics"]["max_abs_logit_diff"] < 1e-3
-    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "merge" / "model")
+    reward = manifest(run_dir / "reward")["metrics"]
+    assert reward["eval_accuracy"] > 0.7  # chosen above rejected on held-out pairs
+    ppo = manifest(run_dir / "ppo")
+    assert ppo["reward_tokenizer_shared"] is False  # the cross-tokenizer path
+    assert ppo["metrics"]["reward_mean_after"] > ppo["metrics"]["reward_mean_before"]
+    assert ppo["metrics"]["kl_last"] <= ppo["recipe"]["max_kl"]
+    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "ppo" / "model")
     assert manifest(run_dir / "generate")["metrics"]["new_tokens"] > 0
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
-    assert code == 0 and err.count("up to date, skipped") == 4
+    assert code == 0 and err.count("up to date, skipped") == 6
 
 
 def test_repo_demo_recipe_matches_embedded_one():

@@ -24,9 +24,12 @@ DATASET_COLUMNS = {
     "prefs_eval": {"prompt", "chosen", "rejected", "chosen_text", "rejected_text"},
     "prompts_train": {"instruction", "input", "output"},
     "prompts_eval": {"instruction", "input", "output"},
+    "sentiment_prefs_train": {"prompt", "chosen", "rejected"},
+    "sentiment_prefs_eval": {"prompt", "chosen", "rejected"},
 }
 ROWS = {"qa_train": 600, "qa_eval": 100, "sentiment_train": 600, "sentiment_eval": 150,
-        "prefs_train": 500, "prefs_eval": 100, "prompts_train": 200, "prompts_eval": 50}
+        "prefs_train": 500, "prefs_eval": 100, "prompts_train": 200, "prompts_eval": 50,
+        "sentiment_prefs_train": 600, "sentiment_prefs_eval": 150}
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,8 @@ def column(path: str, name: str) -> list[str]:
 
 
 def test_manifest_lists_every_asset_by_absolute_path(assets):
-    assert set(assets) == set(DATASET_COLUMNS) | {"tokenizer", "configs", "lm_tasks"}
+    assert set(assets) == set(DATASET_COLUMNS) | {"tokenizer", "reward_tokenizer", "configs",
+                                                  "lm_tasks"}
     for path in assets.values():
         assert Path(path).is_absolute() and Path(path).exists()
     manifest = json.loads((Path(assets["corpus"]).parent / "ASSETS.json").read_text())
@@ -200,3 +204,28 @@ def test_lm_task_points_at_the_sentiment_eval_split(assets):
     assert all(int(target.render(**doc)) == SENTIMENT_LABELS.index(doc["output"]) for doc in docs)
     assert {m["metric"] for m in task["metric_list"]} == {"acc", "acc_norm"}
     assert all(m["higher_is_better"] for m in task["metric_list"])
+
+
+def test_reward_tokenizer_differs_from_the_policy_tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    policy = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    reward = AutoTokenizer.from_pretrained(assets["reward_tokenizer"])
+    assert policy.get_vocab() != reward.get_vocab()
+    ids = reward("Shares plunged.")["input_ids"]
+    assert ids[0] == reward.cls_token_id and ids[-1] == reward.sep_token_id
+
+
+def test_sentiment_preferences_prefer_the_right_label(assets):
+    prefs = column(assets["sentiment_prefs_eval"], "chosen")
+    rows = column(assets["sentiment_eval"], "output")
+    assert [c.strip() for c in prefs] == rows
+    rejected = column(assets["sentiment_prefs_eval"], "rejected")
+    assert all(c != r for c, r in zip(prefs, rejected))
+
+
+def test_newswire_in_corpus_leaves_eval_headlines_out(assets):
+    corpus = "\n".join(column(assets["corpus"], "text"))
+    held_out = column(assets["sentiment_eval"], "input")
+    assert "Shares of" in corpus or "profit" in corpus
+    assert not any(h + "." in corpus for h in held_out)

@@ -154,13 +154,13 @@ def test_course_lora_trainable_count():
 
     from llmctl.models import count_params
     from llmctl.recipe import LoraConfig
-    from llmctl.stages.sft import lora_config
+    from llmctl.models import lora_config
 
     config = OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,
                        num_attention_heads=32, word_embed_proj_dim=2048, vocab_size=50272)
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                               lora_config(LoraConfig(), AutoModelForCausalLM.from_config(config)))
+                               lora_config(LoraConfig(), AutoModelForCausalLM.from_config(config), "sft.lora"))
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     assert (trainable, total) == (3_145_728, 1_318_903_808)
     assert round(100 * trainable / total, 4) == 0.2385

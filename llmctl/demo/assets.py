@@ -5,10 +5,12 @@
 - ``corpus``: a pretraining corpus of real English, the installed standard library's docstrings,
   plus an unlabelled newswire of synthetic financial headlines (the domain the SFT data is in);
 - ``tokenizer``: a byte-level BPE tokenizer trained on the corpus and the instruction data;
+- ``reward_tokenizer``: a WordPiece vocabulary for an encoder reward model (a different tokenizer);
 - ``configs``: tiny GPT-2, OPT and Llama config overrides;
 - ``qa_*``: question/answer pairs whose answers can be checked (arithmetic, word facts, spelling);
 - ``sentiment_*``: synthetic financial headlines in FinGPT's instruction/input/output layout;
 - ``prefs_*``: chosen/rejected preference pairs in the Anthropic hh-rlhf spirit;
+- ``sentiment_prefs_*``: preference pairs on the sentiment task (right label over a wrong one);
 - ``prompts_*``: questions for PPO in the Alpaca-OrcaChat layout;
 - ``lm_tasks``: an lm-evaluation-harness task over the sentiment eval split.
 
@@ -32,13 +34,14 @@ from typing import NamedTuple
 from llmctl.data import Template, write_dataset
 
 # Bump when the contents change, so that directories built by an older version are rebuilt.
-ASSETS_VERSION = 2
+ASSETS_VERSION = 4
 MANIFEST = "ASSETS.json"
 
 # name -> path under dest/
 LAYOUT = {
     "corpus": "corpus",
     "tokenizer": "tokenizer",
+    "reward_tokenizer": "reward_tokenizer",
     "configs": "configs",
     "qa_train": "qa_train",
     "qa_eval": "qa_eval",
@@ -48,6 +51,8 @@ LAYOUT = {
     "prefs_eval": "prefs_eval",
     "prompts_train": "prompts_train",
     "prompts_eval": "prompts_eval",
+    "sentiment_prefs_train": "sentiment_prefs_train",
+    "sentiment_prefs_eval": "sentiment_prefs_eval",
     "lm_tasks": "lm_tasks",
 }
 
@@ -61,6 +66,7 @@ SENTIMENT_SHARE = 0.3  # of the preference pairs and PPO prompts; the rest are Q
 CORPUS_MAX_BYTES = 2_500_000  # of docstrings
 NEWSWIRE_HEADLINES = 6000  # unlabelled headlines, five to a paragraph, added to the corpus
 VOCAB_SIZE = 4096
+REWARD_VOCAB_SIZE = 2048
 EOS = "<|endoftext|>"
 MODEL_MAX_LENGTH = 1024
 
@@ -100,11 +106,17 @@ def build_assets(dest: Path, seed: int = 0, force: bool = False) -> dict[str, st
             prefs_rng, _mix_questions(prefs_rng, *splits[split], PREFS_ROWS[i]))
         datasets[f"prompts_{split}"] = prompt_records(
             prompts_rng, _mix_questions(prompts_rng, *splits[split], PROMPTS_ROWS[i]))
+    sentiment_prefs_rng = _rng(seed, "sentiment_prefs")
+    datasets["sentiment_prefs_train"] = sentiment_preference_records(sentiment_prefs_rng,
+                                                                     sentiment_train)
+    datasets["sentiment_prefs_eval"] = sentiment_preference_records(sentiment_prefs_rng,
+                                                                    sentiment_eval)
     for name, records in datasets.items():
         write_dataset(paths[name], records, f"demo {name} (seed {seed})", overwrite=True)
 
     write_lm_task(Path(paths["lm_tasks"]), sentiment_eval)
     train_tokenizer(Path(paths["tokenizer"]), corpus + list(_instruction_texts(datasets)))
+    train_wordpiece_tokenizer(Path(paths["reward_tokenizer"]), list(_instruction_texts(datasets)))
     write_configs(Path(paths["configs"]))
 
     manifest.write_text(json.dumps({"seed": seed, "version": ASSETS_VERSION, "paths": paths},
@@ -407,6 +419,20 @@ def newswire(rng: random.Random, held_out: list[dict[str, str]]) -> list[str]:
     return [" ".join(headlines[i:i + 5]) for i in range(0, len(headlines), 5)]
 
 
+def sentiment_preference_records(rng: random.Random, rows: list[dict[str, str]]
+                                 ) -> list[dict[str, str]]:
+    """Preference pairs on the SFT task itself: the prompt as the sentiment template renders it,
+    the right label chosen over a wrong one. A reward model trained on these scores what the
+    SFT policy actually writes, so PPO has a signal to climb (the RLHF part of the demo)."""
+    template = Template.get("sentiment")
+    records = []
+    for row in rows:
+        prompt, chosen = template.split(row)
+        wrong = rng.choice([lab for lab in SENTIMENT_LABELS if lab != row["output"]])
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": " " + wrong})
+    return records
+
+
 def _headline(rng: random.Random, label: str) -> str:
     template = rng.choice(HEADLINE_OPENERS) + rng.choice(HEADLINES[label]) \
         + rng.choice(HEADLINE_CLOSERS)
@@ -520,7 +546,7 @@ def _instruction_texts(datasets: dict[str, list[dict[str, str]]]) -> Iterator[st
             yield from row.values()
             if name.startswith("qa_"):
                 yield qa.render(row)
-            elif name.startswith("sentiment_"):
+            elif name in ("sentiment_train", "sentiment_eval"):
                 yield sentiment.render(row)
 
 
@@ -534,7 +560,26 @@ def train_tokenizer(folder: Path, texts: list[str]) -> None:
                             show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS,
                                         eos_token=EOS, unk_token=EOS, pad_token=EOS,
-                                        model_max_length=MODEL_MAX_LENGTH)
+                                        model_max_length=MODEL_MAX_LENGTH,
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(str(folder))
+
+
+def train_wordpiece_tokenizer(folder: Path, texts: list[str]) -> None:
+    """A BERT-style WordPiece vocabulary for the demo's encoder reward model: deliberately not
+    the policy's tokenizer, so PPO has to re-tokenize text for it (the course's DeBERTa case)."""
+    from tokenizers import BertWordPieceTokenizer
+    from tokenizers.processors import BertProcessing
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=REWARD_VOCAB_SIZE, min_frequency=2,
+                                  show_progress=False)
+    # [CLS] text [SEP], as BERT was trained: the classifier reads the [CLS] position.
+    wordpiece._tokenizer.post_processor = BertProcessing(
+        ("[SEP]", wordpiece.token_to_id("[SEP]")), ("[CLS]", wordpiece.token_to_id("[CLS]")))
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True,
+                                  model_max_length=MODEL_MAX_LENGTH)
     tokenizer.save_pretrained(str(folder))
 
 

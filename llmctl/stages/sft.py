@@ -11,28 +11,18 @@ import math
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from llmctl.data import Template, open_split
+from llmctl.data import Template, hf_dataset, open_split
 from llmctl.errors import UserError
 from llmctl.evaluation import candidate_labels, label_accuracy
-from llmctl.models import count_params, load_causal_lm, load_tokenizer, save_model
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, save_model
 from llmctl.progress import console, save_loss_curve, stage_header
-from llmctl.recipe import DataSource, LoraConfig, Recipe, SftConfig
+from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
 from llmctl.training import loss_first_last, show_progress, train, training_args
 
-# Where LoRA goes when the recipe does not say: the attention query/value projections, as in
-# the LoRA paper and the course (OPT: q_proj, v_proj -> 3,145,728 trainable of 1.3B at r=16).
-DEFAULT_TARGETS = {
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-}
 EVAL_TASK_ROWS = 200  # rows scored for eval_task_accuracy_before/after
 
 
@@ -54,7 +44,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     # -- model ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(inputs["model"], recipe.model)
     model = load_base_model(inputs["model"], recipe, cfg)
-    peft_config = lora_config(cfg.lora, model) if cfg.method != "full" else None
+    peft_config = lora_config(cfg.lora, model, "sft.lora") if cfg.method != "full" else None
     stage_header("sft", f"{cfg.method} on {inputs['model']}: {len(train_split):,} train rows, "
                         f"{len(eval_split):,} eval rows")
 
@@ -65,8 +55,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage = StageRun(run_dir, "sft", recipe.stage_hash("sft"), recipe.run.seed, cfg.model_dump(),
                      inputs).begin()
     cache = str(stage.path("datasets"))
-    train_ds = to_hf_dataset(source, template, "train", key, cfg.completion_only_loss, cache)
-    eval_ds = to_hf_dataset(source, template, "eval", key, cfg.completion_only_loss, cache)
+    layout = "prompt_completion" if cfg.completion_only_loss else "text"
+    train_ds = hf_dataset(source, "train", key, layout, cache)
+    eval_ds = hf_dataset(source, "eval", key, layout, cache)
     if cfg.eval_max_batches:  # rows, not packed blocks: a cap on evaluation cost
         eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.eval_max_batches
                                            * (cfg.eval_batch_size or cfg.batch_size))))
@@ -162,41 +153,3 @@ def keep_head_output_fp32(model) -> None:
     """Cast the LM head's output to fp32 (a hook, so saved weights keep their names)."""
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, args, output: output.float())
-
-
-def lora_config(cfg: LoraConfig, model):
-    from peft import LoraConfig as PeftLoraConfig
-
-    targets = cfg.target_modules or DEFAULT_TARGETS.get(model.config.model_type)
-    if targets:
-        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        for target in targets:
-            if target not in leaf_names:
-                linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                                 if type(module).__name__ in ("Linear", "Conv1D")})
-                raise UserError(f"sft.lora.target_modules: no module '{target}' in this "
-                                f"{model.config.model_type} model (linear layers: "
-                                f"{', '.join(linear)})")
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
-                          target_modules=targets, task_type="CAUSAL_LM")
-
-
-def _rows(path: str, source_json: str, split: str, key: str, completion_only: bool):
-    """Generator for datasets.Dataset.from_generator: rows of one split, rendered."""
-    source = DataSource.model_validate_json(source_json)
-    template = Template.get(source.template)
-    for row in open_split(source, template.fields, split, key).iter_rows():
-        if completion_only:
-            prompt, completion = template.split(row)
-            yield {"prompt": prompt, "completion": completion}
-        else:
-            yield {"text": template.render(row)}
-
-
-def to_hf_dataset(source: DataSource, template: Template, split: str, key: str,
-                  completion_only: bool, cache_dir: str) -> Dataset:
-    """Stream a split into an on-disk Arrow dataset (memory-mapped, never all in RAM)."""
-    return Dataset.from_generator(
-        _rows, cache_dir=cache_dir, keep_in_memory=False,
-        gen_kwargs={"path": source.path, "source_json": source.model_dump_json(), "split": split,
-                    "key": key, "completion_only": completion_only})

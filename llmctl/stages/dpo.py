@@ -1,0 +1,78 @@
+"""`llmctl dpo`: direct preference optimisation of the SFT model with trl's DPOTrainer.
+
+The simpler alternative to reward + PPO: no reward model, no sampling; the policy learns from
+chosen/rejected pairs directly, regularised towards the reference model by ``beta``. With LoRA
+the reference is the same model with the adapter switched off. Setup -> train -> evaluate
+(rewards/accuracies: how often the implicit reward ranks chosen above rejected) -> save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import set_seed
+from trl import DPOConfig as TrlDPOConfig
+from trl import DPOTrainer
+
+from llmctl.data import hf_dataset, preference_split
+from llmctl.errors import UserError
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, save_model
+from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.recipe import DpoConfig, Recipe
+from llmctl.rundir import StageRun, require_input
+from llmctl.training import loss_first_last, show_progress, train, training_args
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg: DpoConfig = recipe.stage_config("dpo")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("dpo")
+    require_input(inputs["model"], "dpo.model")
+
+    source = recipe.data_source("dpo", cfg.data)
+    key = f"data.{cfg.data}"
+    train_split = preference_split(source, "train", key)
+    if "prompt" not in train_split.columns:
+        raise UserError(f"{key}.columns: DPO needs a prompt column next to chosen/rejected "
+                        f"(map one with columns = {{ prompt = \"...\" }})")
+
+    tokenizer = load_tokenizer(inputs["model"], recipe.model)
+    model = load_causal_lm(inputs["model"], recipe.model)
+    peft_config = lora_config(cfg.lora, model, "dpo.lora") if cfg.method == "lora" else None
+    stage_header("dpo", f"{cfg.method} on {inputs['model']}: {len(train_split):,} pairs, "
+                        f"beta {cfg.beta}, loss {cfg.loss_type}")
+
+    stage = StageRun(run_dir, "dpo", recipe.stage_hash("dpo"), recipe.run.seed, cfg.model_dump(),
+                     inputs).begin()
+    cache = str(stage.path("datasets"))
+    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-dpo",
+                         args_cls=TrlDPOConfig, beta=cfg.beta, loss_type=[cfg.loss_type],
+                         max_length=cfg.max_length)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=hf_dataset(source, "train", key, "preference", cache),
+                         eval_dataset=hf_dataset(source, "eval", key, "preference", cache),
+                         peft_config=peft_config)
+    show_progress(trainer, "dpo")
+    before = trainer.evaluate()
+    train(trainer, stage)
+    after = trainer.evaluate()
+    console.print(f"  held-out pairs ranked right by the implicit reward: "
+                  f"{before['eval_rewards/accuracies']:.1%} before -> "
+                  f"{after['eval_rewards/accuracies']:.1%} after")
+
+    output = "adapter" if cfg.method == "lora" else "model"
+    save_model(trainer.model, tokenizer, stage.path(output))
+    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "dpo")
+    first, last = loss_first_last(trainer.state.log_history)
+    metrics = {
+        "eval_rewards_accuracy": float(after["eval_rewards/accuracies"]),
+        "eval_rewards_accuracy_before": float(before["eval_rewards/accuracies"]),
+        "eval_rewards_margin": float(after["eval_rewards/margins"]),
+        "eval_loss": float(after["eval_loss"]),
+        "train_loss_first": first,
+        "train_loss_last": last,
+        "trainable_params": count_params(trainer.model, trainable_only=True),
+        "global_step": trainer.state.global_step,
+    }
+    stage.finish(metrics, {output: output, "loss_curve": "loss_curve.png"})
+    return metrics

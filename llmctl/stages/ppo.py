@@ -1,0 +1,211 @@
+"""`llmctl ppo`: RLHF of the SFT policy against a reward model with trl's PPO (v2 design).
+
+Setup: the policy (upstream merge/sft model) gets a LoRA adapter, the reference policy is the
+same model with the adapter switched off, the value model is the policy's weights with a scalar
+head, and the reward model comes from the reward stage. trl's PPOTrainer feeds the *policy's*
+token ids to the reward model, which is only right when both share a tokenizer; for a reward
+model with its own vocabulary (the course's OPT policy + DeBERTa reward) llmctl hands trl a
+`TextReward` that decodes the policy's query+response to text and re-tokenizes it for the
+reward model. Then: score held-out prompts before -> train -> score after -> save the adapter
+(and, with ``merge = true``, a merged standalone model).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, TrainerCallback, set_seed
+
+from llmctl.data import Template, open_split
+from llmctl.errors import StageFailed
+from llmctl.evaluation import reward_scores
+from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
+    resolve_precision, save_model
+from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.recipe import PpoConfig, Recipe
+from llmctl.rundir import StageRun, require_input
+from llmctl.training import show_progress
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    from trl.experimental.ppo import PPOConfig, PPOTrainer  # trl <= 1.12 only (GUIDE §1)
+
+    cfg: PpoConfig = recipe.stage_config("ppo")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("ppo")
+    require_input(inputs["model"], "ppo.model")
+    require_input(inputs["reward_model"], "ppo.reward_model")
+
+    # -- models -----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")
+    policy = load_causal_lm(inputs["model"], recipe.model)
+    value_model = load_classifier(inputs["model"], recipe.model)
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    reward_tokenizer = load_tokenizer(inputs["reward_model"], recipe.model)
+    reward_model = load_classifier(inputs["reward_model"], recipe.model).eval()
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    text_reward = TextReward(reward_model, reward_tokenizer, tokenizer, cfg.reward_max_length,
+                             cfg.reward_batch_size)
+    shared = shares_tokenizer(tokenizer, reward_tokenizer) and hasattr(reward_model, "score")
+    trl_reward = reward_model if shared else text_reward
+    stage_header("ppo", f"policy {inputs['model']}, reward {inputs['reward_model']} "
+                        f"({'shared tokenizer' if shared else 'own tokenizer: re-tokenized text'})")
+
+    # -- prompts ----------------------------------------------------------------------------
+    source = recipe.data_source("ppo", cfg.data)
+    template = Template.get(source.template)
+    fields = [f for f in template.fields if f != template.response_field]
+    key = f"data.{cfg.data}"
+    train_queries = queries(open_split(source, fields, "train", key).rows(), template)
+    eval_queries = queries(open_split(source, fields, "eval", key).rows(), template)[:cfg.eval_prompts]
+    train_ds = tokenize_queries(train_queries, tokenizer, cfg.query_max_length)
+
+    reward_before = mean_reward(policy, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
+    stage = StageRun(run_dir, "ppo", recipe.stage_hash("ppo"), recipe.run.seed, cfg.model_dump(),
+                     inputs).begin()
+    precision = resolve_precision(cfg.precision)
+    args = PPOConfig(
+        output_dir=str(stage.checkpoint_dir), seed=recipe.run.seed, run_name=f"{recipe.run.name}-ppo",
+        learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum, num_mini_batches=cfg.mini_batches,
+        num_ppo_epochs=cfg.ppo_epochs, total_episodes=cfg.steps * cfg.batch_size,
+        response_length=cfg.response_length, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator, cliprange=cfg.cliprange, vf_coef=cfg.vf_coef,
+        missing_eos_penalty=cfg.missing_eos_penalty, stop_token="eos",
+        local_rollout_forward_batch_size=cfg.batch_size, num_sample_generations=0,
+        save_strategy="steps", save_steps=cfg.save_steps, logging_steps=cfg.logging_steps,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to], disable_tqdm=True,
+    )
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
+                         reward_model=trl_reward, value_model=value_model, train_dataset=train_ds,
+                         peft_config=lora_config(cfg.lora, policy, "ppo.lora"))
+    show_progress(trainer, "ppo")
+    if cfg.kl_target is not None:
+        trainer.add_callback(AdaptiveKL(cfg.kl_target, cfg.kl_horizon, cfg.batch_size))
+
+    # -- train ------------------------------------------------------------------------------
+    trainer.train()  # trl's PPO loop has no resume: an interrupted run restarts from step 0
+    policy_model = trainer.model.policy
+    reward_after = mean_reward(policy_model, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
+    logs = [h for h in trainer.state.log_history if "objective/scores" in h]
+    kl_last = float(logs[-1]["objective/kl"])
+    console.print(f"  held-out prompts: mean reward {reward_before:.3f} before -> "
+                  f"{reward_after:.3f} after; KL to the reference {kl_last:.3f}")
+    if cfg.max_kl is not None and kl_last > cfg.max_kl:
+        raise StageFailed(f"ppo: final KL {kl_last:.3f} exceeds ppo.max_kl {cfg.max_kl}; "
+                          f"lower ppo.lr or raise ppo.kl_coef")
+
+    # -- save -------------------------------------------------------------------------------
+    save_model(policy_model, tokenizer, stage.path("adapter"))
+    outputs = {"adapter": "adapter", "loss_curve": "reward_curve.png"}
+    if cfg.merge:
+        save_model(policy_model.merge_and_unload(), tokenizer, stage.path("model"))
+        outputs["model"] = "model"
+    save_loss_curve([{"step": h["step"], "loss": h["objective/scores"]} for h in logs],
+                    stage.path("reward_curve.png"), "ppo: mean reward per batch")
+    metrics = {
+        "reward_mean_first": float(logs[0]["objective/scores"]),
+        "reward_mean_last": float(logs[-1]["objective/scores"]),
+        "kl_last": kl_last,
+        "kl_coef_last": float(trainer.args.kl_coef),
+        "reward_mean_before": reward_before,
+        "reward_mean_after": reward_after,
+        "policy_loss_last": float(logs[-1]["loss/policy_avg"]),
+        "value_loss_last": float(logs[-1]["loss/value_avg"]),
+        "global_step": trainer.state.global_step,
+    }
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    stage.finish(metrics, outputs, extra={"reward_tokenizer_shared": shared})
+    return metrics
+
+
+def shares_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id
+
+
+class TextReward(nn.Module):
+    """A reward model behind trl's PPO interface that scores *text*, not the policy's token ids.
+
+    trl calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)`` and
+    then ``model.score(hidden_states[-1])``, reading the value at each sequence's last token.
+    Here the "backbone" decodes every row with the policy's tokenizer, scores the text with the
+    reward model and its own tokenizer, and returns that score at every position; ``score`` is
+    the identity. The reward trl sees is exactly the reward model's score of the decoded text.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, reward_model, reward_tokenizer, policy_tokenizer, max_length: int,
+                 batch_size: int):
+        super().__init__()
+        self.backbone = _ScoreDecodedText(reward_model, reward_tokenizer, policy_tokenizer,
+                                          max_length, batch_size)
+        self.score = nn.Identity()
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        b = self.backbone
+        return reward_scores(b.reward_model, b.reward_tokenizer, texts, b.max_length, b.batch_size)
+
+
+class _ScoreDecodedText(nn.Module):
+    def __init__(self, reward_model, reward_tokenizer, policy_tokenizer, max_length, batch_size):
+        super().__init__()
+        self.reward_model = reward_model
+        self.reward_tokenizer, self.policy_tokenizer = reward_tokenizer, policy_tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def forward(self, input_ids, attention_mask, **unused):
+        texts = [self.policy_tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                 for ids, mask in zip(input_ids, attention_mask)]
+        scores = torch.tensor(reward_scores(self.reward_model, self.reward_tokenizer, texts,
+                                            self.max_length, self.batch_size),
+                              device=input_ids.device)
+        hidden = scores[:, None, None].expand(input_ids.shape[0], input_ids.shape[1], 1)
+        return SimpleNamespace(hidden_states=(hidden,))
+
+
+class AdaptiveKL(TrainerCallback):
+    """Ziegler et al.'s adaptive KL controller: steer kl_coef so the KL tracks a target."""
+
+    def __init__(self, target: float, horizon: int, batch_size: int):
+        self.target, self.horizon, self.batch_size = target, horizon, batch_size
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "objective/kl" in logs:
+            error = max(-0.2, min(0.2, logs["objective/kl"] / self.target - 1))
+            args.kl_coef *= 1 + error * self.batch_size / self.horizon
+
+
+def queries(rows: list[dict], template: Template) -> list[str]:
+    return [template.split({**row, template.response_field: ""})[0] for row in rows]
+
+
+def tokenize_queries(texts: list[str], tokenizer, max_length: int):
+    from datasets import Dataset
+
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return Dataset.from_dict({"input_ids": ids})
+
+
+@torch.inference_mode()
+def mean_reward(policy, tokenizer, prompts: list[str], reward: TextReward, cfg: PpoConfig,
+                seed: int, samples: int = 4) -> float:
+    """Mean reward of responses to held-out prompts, sampled as PPO samples them (temperature,
+    no top-k/top-p), several per prompt, from a fixed seed: the quantity PPO maximises."""
+    policy.eval()
+    torch.manual_seed(seed)
+    gen = GenerationConfig(max_new_tokens=cfg.response_length, do_sample=True, top_k=0, top_p=1.0,
+                           temperature=cfg.temperature, num_return_sequences=samples,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = []
+    for i in range(0, len(prompts), 8):
+        batch = tokenizer(prompts[i:i + 8], return_tensors="pt", padding=True, truncation=True,
+                          max_length=cfg.query_max_length, return_token_type_ids=False).to(device())
+        out = policy.generate(**batch, generation_config=gen)
+        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+    return sum(reward.score_texts(texts)) / len(texts)

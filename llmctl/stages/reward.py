@@ -1,0 +1,122 @@
+"""`llmctl reward`: train a scalar reward model on chosen/rejected pairs with trl's RewardTrainer.
+
+The backbone is either the upstream SFT model with a fresh one-label head (the InstructGPT way)
+or an encoder of the BERT/DeBERTa family, pretrained or built from a config with its own
+tokenizer (the course pairs an OPT policy with a DeBERTa reward model). Setup -> train ->
+score held-out pairs (accuracy, mean margin) -> save a standalone model + its tokenizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+from transformers import set_seed
+from trl import RewardConfig as TrlRewardConfig
+from trl import RewardTrainer
+
+from llmctl.data import hf_dataset, preference_split
+from llmctl.evaluation import preference_accuracy
+from llmctl.models import build_classifier, count_params, human_count, load_classifier, \
+    load_tokenizer, lora_config, save_model
+from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.recipe import Recipe, RewardConfig
+from llmctl.rundir import StageRun, require_input
+from llmctl.training import loss_first_last, show_progress, train, training_args
+
+EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg: RewardConfig = recipe.stage_config("reward")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("reward")
+    for name, path in inputs.items():
+        require_input(path, f"reward.{name}")
+
+    # -- data -------------------------------------------------------------------------------
+    source = recipe.data_source("reward", cfg.data)
+    key = f"data.{cfg.data}"
+    train_split = preference_split(source, "train", key)
+    eval_rows = preference_split(source, "eval", key).rows()[:EVAL_PAIRS]
+
+    # -- model ------------------------------------------------------------------------------
+    if cfg.init == "config":
+        tokenizer = load_tokenizer(inputs["tokenizer"], recipe.model)
+        model = build_classifier(cfg.architecture, cfg.config, tokenizer, "reward.config")
+        origin = f"new {cfg.architecture} from config, tokenizer {inputs['tokenizer']}"
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer or inputs["model"], recipe.model)
+        model = load_classifier(inputs["model"], recipe.model)
+        origin = inputs["model"]
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoders find the last token by it
+    peft_config = lora_config(cfg.lora, model, "reward.lora", task_type="SEQ_CLS") \
+        if cfg.method == "lora" else None
+    stage_header("reward", f"{origin} ({human_count(count_params(model))} params), "
+                           f"{len(train_split):,} pairs")
+
+    stage = StageRun(run_dir, "reward", recipe.stage_hash("reward"), recipe.run.seed,
+                     cfg.model_dump(), inputs).begin()
+    cache = str(stage.path("datasets"))
+    train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache), tokenizer,
+                              cfg.max_length)
+    eval_ds = tokenize_pairs(hf_dataset(source, "eval", key, "preference", cache), tokenizer,
+                             cfg.max_length)
+    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-reward",
+                         args_cls=TrlRewardConfig, max_length=cfg.max_length,
+                         disable_dropout=True)
+    trainer = EncoderFriendlyRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, peft_config=peft_config)
+    show_progress(trainer, "reward")
+
+    # -- train ------------------------------------------------------------------------------
+    train(trainer, stage)
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+    trained = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
+    accuracy, margin = preference_accuracy(trained, tokenizer, eval_rows, cfg.max_length)
+    console.print(f"  held-out pairs: chosen scored above rejected in {accuracy:.1%} "
+                  f"(mean margin {margin:.3f})")
+
+    # -- save -------------------------------------------------------------------------------
+    save_model(trained, tokenizer, stage.path("model"))
+    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "reward")
+    first, last = loss_first_last(trainer.state.log_history)
+    metrics = {"eval_accuracy": accuracy, "eval_reward_margin": margin, "eval_loss": eval_loss,
+               "eval_pairs": len(eval_rows), "train_loss_first": first, "train_loss_last": last,
+               "num_params": count_params(trained), "global_step": trainer.state.global_step}
+    assert all(math.isfinite(v) for v in metrics.values())
+    stage.finish(metrics, {"model": "model", "loss_curve": "loss_curve.png"})
+    return metrics
+
+
+class _WithoutUseCache(dict):
+    """A batch that ignores ``use_cache``, which encoder models' forward() does not accept."""
+
+    def __setitem__(self, key, value):
+        if key != "use_cache":
+            super().__setitem__(key, value)
+
+
+class EncoderFriendlyRewardTrainer(RewardTrainer):
+    """trl's RewardTrainer sets ``use_cache=False`` on every batch, which BERT and DeBERTa reject;
+    for them the flag is dropped (they have no cache to disable)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        if "use_cache" not in inspect.signature(base.forward).parameters:
+            inputs = _WithoutUseCache(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int):
+    """chosen_ids / rejected_ids with the reward tokenizer's own special tokens ([CLS] ... [SEP]
+    for an encoder), truncated to max_length; trl then skips its eos-appending preprocessing."""
+
+    def encode(row):
+        prompt = row.get("prompt") or ""
+        chosen = tokenizer(prompt + row["chosen"], truncation=True, max_length=max_length)
+        rejected = tokenizer(prompt + row["rejected"], truncation=True, max_length=max_length)
+        return {"chosen_ids": chosen["input_ids"], "rejected_ids": rejected["input_ids"]}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)

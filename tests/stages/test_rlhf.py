@@ -1,0 +1,215 @@
+"""`llmctl reward`, `ppo` and `dpo` on tiny models: reward accuracy above chance, PPO with a
+same-tokenizer and a different-tokenizer reward model (rewards equal the reward model's score
+of the decoded text), DPO, and the errors."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import manifest, run_cli
+
+TINY_BERT = ("{ num_hidden_layers = 2, hidden_size = 64, num_attention_heads = 4, "
+             "intermediate_size = 128, max_position_embeddings = 256 }")
+
+
+def rlhf_recipe(tmp_path, assets, policy, extra=""):
+    path = tmp_path / "rlhf.toml"
+    path.write_text(f"""
+[run]
+name = "rlhf"
+dir = "{tmp_path / 'run'}"
+seed = 0
+
+[data.prefs]
+path = "{assets['prefs_train']}"
+eval_path = "{assets['prefs_eval']}"
+limit = 200
+
+[data.prompts]
+path = "{assets['prompts_train']}"
+eval_path = "{assets['prompts_eval']}"
+template = "alpaca_prompt"
+limit = 64
+
+[reward]
+data = "prefs"
+init = "config"
+architecture = "bert"
+tokenizer = "{assets['reward_tokenizer']}"
+config = {TINY_BERT}
+max_length = 96
+batch_size = 16
+epochs = 2
+lr = 2e-3
+logging_steps = 5
+save_steps = 100
+
+[ppo]
+data = "prompts"
+model = "{policy}"
+steps = 2
+batch_size = 4
+mini_batches = 2
+ppo_epochs = 1
+lr = 1e-3
+response_length = 8
+eval_prompts = 4
+kl_target = 0.1
+merge = true
+
+[dpo]
+data = "prefs"
+model = "{policy}"
+max_steps = 6
+batch_size = 4
+lr = 1e-3
+logging_steps = 2
+max_length = 96
+{extra}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, assets, pretrained_model):
+    from llmctl.pipeline import run_stage
+    from llmctl.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("rlhf")
+    recipe = rlhf_recipe(root, assets, pretrained_model)
+    run_stage(load_recipe(recipe), "reward")
+    return recipe
+
+
+def test_reward_model_beats_chance(reward_run):
+    m = manifest(reward_run.parent / "run" / "reward")
+    assert m["metrics"]["eval_accuracy"] > 0.7, m["metrics"]
+    assert m["metrics"]["eval_reward_margin"] > 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = reward_run.parent / "run" / "reward" / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert model.config.model_type == "bert" and model.config.num_labels == 1
+    assert type(AutoTokenizer.from_pretrained(model_dir)).__name__ == "BertTokenizerFast"
+
+
+def test_decoder_reward_model_from_policy(tmp_path, assets, pretrained_model, capsys):
+    """The InstructGPT way: the reward model starts from the (SFT) policy's own weights."""
+    recipe = rlhf_recipe(tmp_path, assets, pretrained_model)
+    code, _, err = run_cli(["reward", recipe, "--set", "reward.init=\"pretrained\"",
+                            "--set", f"reward.model=\"{pretrained_model}\"",
+                            "--set", "reward.method=\"lora\"", "--set", "reward.epochs=1"], capsys)
+    assert code == 0, err
+    m = manifest(tmp_path / "run" / "reward")
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "reward" / "model")
+    assert model.config.model_type == "opt"
+    assert 0 <= m["metrics"]["eval_accuracy"] <= 1
+
+
+def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_model):
+    """What trl's PPO gets from llmctl's TextReward is the reward model's score of the text."""
+    from trl.experimental.utils import get_reward
+
+    from llmctl.evaluation import reward_scores
+    from llmctl.models import load_classifier, load_tokenizer
+    from llmctl.stages.ppo import TextReward
+
+    reward_dir = str(reward_run.parent / "run" / "reward" / "model")
+    policy_tok = load_tokenizer(str(pretrained_model), padding_side="left")
+    reward_tok = load_tokenizer(reward_dir)
+    reward_model = load_classifier(reward_dir).eval()
+    wrapper = TextReward(reward_model, reward_tok, policy_tok, 96, 4)
+    queries = ["Question: What is 7 plus 5?\n\nAnswer:", "Question: Spell cat backwards.\n\nAnswer:"]
+    responses = [" 12.", " I don't care."]
+    q = policy_tok(queries, return_tensors="pt", padding=True)["input_ids"]
+    r = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(policy_tok(x)["input_ids"]) for x in responses], batch_first=True,
+        padding_value=policy_tok.pad_token_id)
+    _, used, _ = get_reward(wrapper, torch.cat([q, r], 1), policy_tok.pad_token_id, q.shape[1])
+    direct = reward_scores(reward_model, reward_tok, [a + b for a, b in zip(queries, responses)], 96)
+    assert used.tolist() == pytest.approx(direct, abs=1e-5)
+    assert abs(direct[0] - direct[1]) > 1e-4  # the texts really are scored differently
+
+
+def test_ppo_with_a_different_tokenizer(reward_run, capsys):
+    code, _, err = run_cli(["ppo", reward_run], capsys)
+    assert code == 0, err
+    m = manifest(reward_run.parent / "run" / "ppo")
+    assert m["reward_tokenizer_shared"] is False
+    for key in ("reward_mean_first", "reward_mean_last", "kl_last", "reward_mean_before",
+                "reward_mean_after"):
+        assert isinstance(m["metrics"][key], float)
+    ppo_dir = reward_run.parent / "run" / "ppo"
+    assert (ppo_dir / "adapter" / "adapter_config.json").exists()
+    assert (ppo_dir / "model" / "model.safetensors").exists()
+    # generate consumes the policy: the merged model is the recipe's last model
+    code, out, err = run_cli(["generate", reward_run, "-p", "Question: What is 2 plus 2?", "--json"],
+                             capsys)
+    assert code == 0, err
+    assert manifest(reward_run.parent / "run" / "generate")["inputs"]["model"] == str(ppo_dir / "model")
+
+
+def test_ppo_with_the_policy_tokenizer(reward_run, tmp_path, capsys, pretrained_model):
+    """A decoder reward model sharing the policy's vocabulary goes to trl unchanged."""
+    from llmctl.models import load_classifier, load_tokenizer, save_model
+
+    reward_dir = tmp_path / "decoder_reward"
+    model = load_classifier(str(pretrained_model))
+    model.config.pad_token_id = 0
+    save_model(model, load_tokenizer(str(pretrained_model)), reward_dir)
+    code, _, err = run_cli(["ppo", reward_run, "--run-dir", tmp_path / "run",
+                            "--set", f"ppo.reward_model=\"{reward_dir}\""], capsys)
+    assert code == 0, err
+    assert manifest(tmp_path / "run" / "ppo")["reward_tokenizer_shared"] is True
+
+
+def test_dpo_runs(reward_run, capsys):
+    code, _, err = run_cli(["dpo", reward_run], capsys)
+    assert code == 0, err
+    m = manifest(reward_run.parent / "run" / "dpo")["metrics"]
+    # the implicit reward ranks most held-out pairs right after a few steps (ties before)
+    assert m["eval_rewards_accuracy"] > 0.6 and m["eval_rewards_accuracy_before"] < 0.5
+
+
+def test_reward_data_without_rejected_is_exit_2(reward_run, capsys, tmp_path):
+    code, _, err = run_cli(["reward", reward_run, "--run-dir", tmp_path / "x",
+                            "--set", "data.prefs.columns={rejected = \"worse\"}"], capsys)
+    assert code == 2 and "no column 'worse'" in err and "chosen, rejected" in err
+
+
+def test_ppo_without_reward_stage_is_exit_2(tmp_path, assets, pretrained_model, capsys):
+    recipe = rlhf_recipe(tmp_path, assets, pretrained_model)
+    code, _, err = run_cli(["ppo", recipe], capsys)
+    assert code == 2 and "ppo.reward_model" in err and "does not exist" in err
+    assert not (tmp_path / "run" / "ppo").exists()
+
+
+def test_killed_ppo_restarts_cleanly(reward_run, tmp_path):
+    """SIGKILL during PPO leaves no finished-looking stage; the same command then completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).parents[2]
+    args = [sys.executable, "-m", "llmctl", "ppo", str(reward_run), "--run-dir", str(tmp_path / "run"),
+            "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\"",
+            "--set", "ppo.steps=6"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    partial = tmp_path / "run" / ".partial" / "ppo"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not partial.exists():
+        time.sleep(0.02)
+    time.sleep(1.0)  # well into the PPO loop
+    assert proc.poll() is None, "ppo finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "ppo").exists()
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=repo)
+    assert rerun.returncode == 0, rerun.stderr
+    assert manifest(tmp_path / "run" / "ppo")["metrics"]["global_step"] == 6
