@@ -8,6 +8,7 @@ evidence of `llmctl sft`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -15,6 +16,15 @@ import torch
 from llmctl.data import Template
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
+
+
+def autocast_for(model):
+    """Mixed bf16/fp16 models (the course's bf16 weights with fp32 norms) need autocast to run a
+    forward pass outside the Trainer; fp32 models run as they are."""
+    low = [p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=low[0])
 
 
 def candidate_labels(rows: list[dict[str, Any]], template: Template) -> list[str] | None:
@@ -43,7 +53,8 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+    with autocast_for(model):
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     scores = []
     for i, s in enumerate(seqs):
@@ -83,7 +94,8 @@ def reward_scores(model, tokenizer, texts: list[str], max_length: int = 512,
         batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                           truncation=True, max_length=max_length).to(device)
         batch.pop("token_type_ids", None) if "token_type_ids" not in _forward_args(model) else None
-        scores += model(**batch).logits.float().squeeze(-1).tolist()
+        with autocast_for(model):
+            scores += model(**batch).logits.float().squeeze(-1).tolist()
     if was_training:
         model.train()
     return scores

@@ -57,6 +57,13 @@ class RichProgress(TrainerCallback):
             return
         if "loss" in logs:
             self.fields["loss"] = f"loss {logs['loss']:.4f}"
+        if "objective/scores" in logs:  # trl's PPO: reward, KL to the reference, losses
+            self.fields["loss"] = (f"reward {logs['objective/scores']:.3f} "
+                                   f"kl {logs['objective/kl']:.3f} "
+                                   f"policy {logs['loss/policy_avg']:.3f} "
+                                   f"value {logs['loss/value_avg']:.3f}")
+            if not console.is_terminal:
+                self.progress.console.print(f"  step {state.global_step}: {self.fields['loss']}")
         if "eval_loss" in logs:
             self.progress.console.print(f"  step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
         elif "loss" in logs and not console.is_terminal:

@@ -111,3 +111,30 @@ def pretrained_model(assets, tmp_path_factory):
     path.write_text(tiny_recipe_text(assets, root / "run"))
     run_stage(load_recipe(path), "pretrain")
     return root / "run" / "pretrain" / "model"
+
+
+REPO = Path(__file__).parents[1]
+
+
+def kill_when(args: list[str], ready, timeout: float = 180) -> None:
+    """Start `python -m llmctl ARGS`, SIGKILL it once ready() is true (it must still be running)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_llmctl(args: list[str]):
+    """`python -m llmctl ARGS` in a subprocess (a fresh process, as a user's rerun is)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "llmctl", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO)

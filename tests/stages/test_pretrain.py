@@ -1,17 +1,10 @@
 """`llmctl pretrain`: trains (loss falls), writes the GUIDE §2 manifest, resumes after SIGKILL."""
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import kill_when, manifest, run_cli, run_llmctl
 
 PRETRAIN_METRICS = ("num_params", "train_loss_first", "train_loss_last", "eval_loss",
                     "eval_perplexity", "tokens_per_second")
@@ -60,37 +53,25 @@ def test_pretrain_epochs_become_steps(tiny_recipe, tmp_path, capsys):
 
 def test_kill_and_resume(tiny_recipe, tmp_path):
     """SIGKILL mid-training leaves nothing finished-looking; the rerun resumes to the same step."""
-    recipe = tiny_recipe()
-    args = [sys.executable, "-m", "llmctl", "pretrain", str(recipe),
-            "--set", "pretrain.max_steps=60", "--set", "pretrain.save_steps=10"]
+    args = ["pretrain", tiny_recipe(), "--set", "pretrain.max_steps=60",
+            "--set", "pretrain.save_steps=10"]
     run_dir = tmp_path / "run"
     ckpts = run_dir / ".partial" / "pretrain" / "checkpoints"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=Path(__file__).parents[2])
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (ckpts / "checkpoint-20" / "trainer_state.json").exists():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(args, lambda: (ckpts / "checkpoint-20" / "trainer_state.json").exists())
     assert not (run_dir / "pretrain").exists()
     done = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
     assert done and done[-1] < 60
 
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    rerun = run_llmctl(args)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr
     m = manifest(run_dir / "pretrain")
     assert m["metrics"]["global_step"] == 60
     # The resumed run's loss at the end matches an uninterrupted run of the same recipe.
-    clean = subprocess.run(args + ["--run-dir", str(tmp_path / "clean")], capture_output=True,
-                           text=True, cwd=Path(__file__).parents[2])
+    clean = run_llmctl(args + ["--run-dir", tmp_path / "clean"])
     assert clean.returncode == 0, clean.stderr
-    resumed_loss = m["metrics"]["train_loss_last"]
     clean_loss = manifest(tmp_path / "clean" / "pretrain")["metrics"]["train_loss_last"]
-    assert resumed_loss == pytest.approx(clean_loss, rel=1e-3)
+    assert m["metrics"]["train_loss_last"] == pytest.approx(clean_loss, rel=1e-3)
 
 
 def test_pretrain_bad_config_key(tiny_recipe, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import kill_when, manifest, run_cli, run_llmctl
 
 TINY_BERT = ("{ num_hidden_layers = 2, hidden_size = 64, num_attention_heads = 4, "
              "intermediate_size = 128, max_position_embeddings = 256 }")
@@ -189,27 +189,20 @@ def test_ppo_without_reward_stage_is_exit_2(tmp_path, assets, pretrained_model, 
 
 def test_killed_ppo_restarts_cleanly(reward_run, tmp_path):
     """SIGKILL during PPO leaves no finished-looking stage; the same command then completes."""
-    import os
-    import signal
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
-    repo = Path(__file__).parents[2]
-    args = [sys.executable, "-m", "llmctl", "ppo", str(reward_run), "--run-dir", str(tmp_path / "run"),
-            "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\"",
-            "--set", "ppo.steps=6"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "ppo.steps=6",
+            "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\""]
     partial = tmp_path / "run" / ".partial" / "ppo"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not partial.exists():
-        time.sleep(0.02)
-    time.sleep(1.0)  # well into the PPO loop
-    assert proc.poll() is None, "ppo finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    started = []
+
+    def well_into_training():  # a second after the stage opened its work directory
+        if partial.exists() and not started:
+            started.append(time.time())
+        return bool(started) and time.time() - started[0] > 1.0
+
+    kill_when(args, well_into_training)
     assert not (tmp_path / "run" / "ppo").exists()
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=repo)
+    rerun = run_llmctl(args)
     assert rerun.returncode == 0, rerun.stderr
     assert manifest(tmp_path / "run" / "ppo")["metrics"]["global_step"] == 6

@@ -1,18 +1,11 @@
 """`llmctl sft`: LoRA, full and packing paths; qlora refused on CPU; resume; bad inputs."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import manifest, run_cli
-
-REPO = Path(__file__).parents[2]
+from tests.conftest import kill_when, manifest, run_cli, run_llmctl
 
 
 def sft_recipe(tmp_path, assets, pretrained_model, extra=""):
@@ -117,20 +110,29 @@ def test_missing_template_field(tmp_path, assets, pretrained_model, capsys):
 
 def test_sft_resumes_after_kill(tmp_path, assets, pretrained_model):
     recipe = sft_recipe(tmp_path, assets, pretrained_model)
-    args = [sys.executable, "-m", "llmctl", "sft", str(recipe), "--set", "sft.max_steps=40",
-            "--set", "sft.save_steps=5", "--set", "sft.batch_size=16"]
+    args = ["sft", recipe, "--set", "sft.max_steps=40", "--set", "sft.save_steps=5",
+            "--set", "sft.batch_size=16"]
     ckpts = tmp_path / "run" / ".partial" / "sft" / "checkpoints"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (ckpts / "checkpoint-10" / "trainer_state.json").exists():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "sft finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(args, lambda: (ckpts / "checkpoint-10" / "trainer_state.json").exists())
     assert not (tmp_path / "run" / "sft").exists()
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    rerun = run_llmctl(args)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr
     assert manifest(tmp_path / "run" / "sft")["metrics"]["global_step"] == 40
+
+
+def test_cpu_bf16_with_the_course_switches(tmp_path, assets, pretrained_model, capsys):
+    """The course's Xeon recipe: bf16 autocast (AMX), bf16 weights with 1-D params and the LM
+    head output in fp32, gradient checkpointing with input-require-grads for the adapter."""
+    recipe = sft_recipe(tmp_path, assets, pretrained_model)
+    code, _, err = run_cli(["sft", recipe, "--set", "sft.precision=\"bf16\"",
+                            "--set", "sft.load_in_bf16=true", "--set", "sft.fp32_norms_and_head=true",
+                            "--set", "sft.gradient_checkpointing=true", "--set", "sft.max_steps=6"],
+                           capsys)
+    assert code == 0, err
+    m = manifest(tmp_path / "run" / "sft")["metrics"]
+    assert m["train_loss_last"] < m["train_loss_first"]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "sft" / "adapter" / "adapter_model.safetensors")
+    assert weights and all(t.isfinite().all() for t in weights.values())
