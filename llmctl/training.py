@@ -7,6 +7,7 @@ import time
 
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from llmctl.errors import UserError
 from llmctl.models import resolve_precision
 from llmctl.progress import RichProgress, console
 from llmctl.recipe import TrainConfig
@@ -18,6 +19,7 @@ def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
                   **overrides) -> TrainingArguments:
     """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table."""
     precision = resolve_precision(cfg.precision)
+    require_tracker(cfg.report_to)
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
         output_dir=str(stage.checkpoint_dir),
@@ -104,3 +106,18 @@ class ThroughputMeter(TrainerCallback):
         if self.start is None or self.end is None:
             return None
         return (self.end[1] - self.start[1]) / (self.end[0] - self.start[0])
+
+
+TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def require_tracker(report_to: str) -> None:
+    """report_to names a tracker whose package must be installed: say how, before any work."""
+    if report_to == "none":
+        return
+    module, extra = TRACKER_PACKAGES[report_to]
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"report_to = \"{report_to}\" needs the {module} package: "
+                        f"pip install 'llmctl[{extra}]' (or set report_to = \"none\")")

@@ -116,3 +116,13 @@ def test_data_ingest_show_query(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "llmctl", "sft", "nope.toml"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == "error: nope.toml: recipe file not found"
+
+
+def test_missing_tracker_package_is_exit_2(tiny_recipe, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, _, err = run_cli(["pretrain", tiny_recipe(), "--set", "pretrain.report_to=\"wandb\""], capsys)
+    assert code == 2 and "pip install 'llmctl[wandb]'" in err
