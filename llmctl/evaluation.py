@@ -9,6 +9,7 @@ evidence of `llmctl sft`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -53,8 +54,7 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     device = next(model.parameters()).device
-    with autocast_for(model):
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     scores = []
     for i, s in enumerate(seqs):
@@ -70,16 +70,22 @@ def label_accuracy(model, tokenizer, rows: list[dict[str, Any]], template: Templ
     was_training = model.training
     model.eval()
     correct = 0
-    for row in rows:
-        # Template.split moves the space before the label into the label, as tokenized in training.
-        context, _ = template.split(row)
-        gap = template.prompt(row)[len(context):]
-        scores = continuation_logprobs(model, tokenizer, context, [gap + lab for lab in labels])
-        correct += labels[max(range(len(labels)), key=scores.__getitem__)] == str(
-            row[template.response_field])
+    with autocast_for(model):
+        for row in rows:
+            correct += _predict(model, tokenizer, row, template, labels) == str(
+                row[template.response_field])
     if was_training:
         model.train()
     return correct / len(rows)
+
+
+def _predict(model, tokenizer, row: dict[str, Any], template: Template, labels: list[str]) -> str:
+    """The label with the highest log-likelihood after the row's prompt."""
+    # Template.split moves the space before the label into the label, as tokenized in training.
+    context, _ = template.split(row)
+    gap = template.prompt(row)[len(context):]
+    scores = continuation_logprobs(model, tokenizer, context, [gap + lab for lab in labels])
+    return labels[max(range(len(labels)), key=scores.__getitem__)]
 
 
 @torch.inference_mode()
@@ -89,22 +95,23 @@ def reward_scores(model, tokenizer, texts: list[str], max_length: int = 512,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    drop_token_types = not accepts_argument(model, "token_type_ids")
     scores: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length).to(device)
-        batch.pop("token_type_ids", None) if "token_type_ids" not in _forward_args(model) else None
-        with autocast_for(model):
+    with autocast_for(model):
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_length).to(device)
+            if drop_token_types:
+                batch.pop("token_type_ids", None)
             scores += model(**batch).logits.float().squeeze(-1).tolist()
     if was_training:
         model.train()
     return scores
 
 
-def _forward_args(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
+def accepts_argument(model, name: str) -> bool:
+    """Whether the model's forward() takes ``name`` (encoders and decoders differ)."""
+    return name in inspect.signature(model.forward).parameters
 
 
 def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_length: int

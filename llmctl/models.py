@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
@@ -103,10 +102,7 @@ def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
 def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str | None = None,
                    **kwargs: Any) -> PreTrainedModel:
     """A causal LM from a directory or hub id; an adapter directory is loaded on its base."""
-    model_cfg = model_cfg or ModelConfig()
-    dtype = torch_dtype(dtype or model_cfg.dtype)
-    common = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  dtype=dtype, use_safetensors=True, **kwargs)
+    common = _load_kwargs(model_cfg, dtype, **kwargs)
     if is_adapter_dir(path):
         from peft import PeftModel
 
@@ -122,11 +118,19 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
     return _from_pretrained(path, common)
 
 
-def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+def _load_kwargs(model_cfg: ModelConfig | None, dtype: str | None, **extra: Any) -> dict[str, Any]:
+    """from_pretrained arguments every load shares: safetensors only, remote code as the recipe says."""
+    model_cfg = model_cfg or ModelConfig()
+    return dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                dtype=torch_dtype(dtype or model_cfg.dtype), use_safetensors=True, **extra)
+
+
+def _from_pretrained(path: str, kwargs: dict[str, Any],
+                     auto_cls: type = AutoModelForCausalLM) -> PreTrainedModel:
     if Path(path).exists():
         path = str(Path(path).resolve())  # adapters record this as their base: make it absolute
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return auto_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error("model", path, err) from None
 
@@ -169,15 +173,8 @@ def load_classifier(path: str, model_cfg: ModelConfig | None = None,
                     dtype: str | None = None) -> PreTrainedModel:
     """A sequence classifier with one output (a reward or value model) from a directory or hub
     id; a causal LM's weights get a fresh score head, the InstructGPT way."""
-    model_cfg = model_cfg or ModelConfig()
-    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  dtype=torch_dtype(dtype or model_cfg.dtype), use_safetensors=True, num_labels=1)
-    if Path(path).exists():
-        path = str(Path(path).resolve())
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _load_error("model", path, err) from None
+    return _from_pretrained(path, _load_kwargs(model_cfg, dtype, num_labels=1),
+                            AutoModelForSequenceClassification)
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -195,14 +192,6 @@ def human_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(n)
-
-
-def model_config_of(path: str, model_cfg: ModelConfig) -> Any:
-    try:
-        return AutoConfig.from_pretrained(path, revision=model_cfg.revision,
-                                          trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _load_error("model", path, err) from None
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import time
 
+import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from llmctl.errors import UserError

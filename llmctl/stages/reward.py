@@ -8,7 +8,6 @@ score held-out pairs (accuracy, mean margin) -> save a standalone model + its to
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from trl import RewardConfig as TrlRewardConfig
 from trl import RewardTrainer
 
 from llmctl.data import hf_dataset, preference_split
-from llmctl.evaluation import preference_accuracy
+from llmctl.evaluation import accepts_argument, preference_accuracy
 from llmctl.models import build_classifier, count_params, human_count, load_classifier, \
     load_tokenizer, lora_config, save_model
 from llmctl.progress import console, save_loss_curve, stage_header
@@ -102,9 +101,13 @@ class EncoderFriendlyRewardTrainer(RewardTrainer):
     """trl's RewardTrainer sets ``use_cache=False`` on every batch, which BERT and DeBERTa reject;
     for them the flag is dropped (they have no cache to disable)."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         base = getattr(self.model, "get_base_model", lambda: self.model)()
-        if "use_cache" not in inspect.signature(base.forward).parameters:
+        self.drop_use_cache = not accepts_argument(base, "use_cache")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.drop_use_cache:
             inputs = _WithoutUseCache(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
