@@ -13,6 +13,7 @@ import os
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,18 @@ class TokenBlocks(torch.utils.data.IterableDataset):
         if not self.pack:
             return len(self.split)
         return sum(len(doc) for docs in self._token_chunks() for doc in docs) // self.seq_len
+
+
+def token_blocks(source: DataSource, key: str, split: str, tokenizer, seq_len: int,
+                 max_blocks: int | None = None, pack: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Up to ``max_blocks`` packed blocks of a split: evaluation and calibration batches."""
+    template = Template.get(source.template)
+    blocks = list(islice(TokenBlocks(open_split(source, template.fields, split, key), template,
+                                     tokenizer, seq_len, pack), max_blocks))
+    if not blocks:
+        raise UserError(f"{key}: the {split} split holds fewer than seq_len={seq_len} tokens "
+                        f"(raise eval_fraction, set eval_path or lower seq_len)")
+    return blocks
 
 
 # -- ingest / show / query (the `llmctl data` commands) -------------------------------------------

@@ -1,4 +1,6 @@
-"""Scoring a causal LM on a labelled split by comparing label log-likelihoods.
+"""Scoring models: label accuracy, reward scores, perplexity, lm-evaluation-harness tasks.
+
+Label accuracy: scoring a causal LM on a labelled split by comparing label log-likelihoods.
 
 For each row the model sees the template's prompt and every candidate label (the distinct values
 of the response field in the split); the prediction is the label with the highest total
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Any
 
 import torch
 
 from llmctl.data import Template
+from llmctl.errors import UserError
+from llmctl.models import device
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
 
@@ -124,3 +129,72 @@ def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_length
                              [p + str(r["rejected"]) for p, r in zip(prompt, rows)], max_length)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: HF and OpenVINO models say so; plain modules by a parameter."""
+    found = getattr(model, "device", None)
+    return torch.device(found) if found is not None else next(model.parameters()).device
+
+
+@torch.inference_mode()
+def perplexity(model, blocks: list[dict[str, torch.Tensor]], batch_size: int = 4) -> float:
+    """exp(mean negative log-likelihood per predicted token) over causal-LM blocks.
+
+    Every label that is not -100 counts once, whatever the batching, so the number is the
+    same for any batch size (the course's worked example: p = 0.4, 0.27, 0.55, 0.79 gives
+    2.1486).
+    """
+    device = model_device(model)
+    total_nll, total_tokens = 0.0, 0
+    with autocast_for(model) if hasattr(model, "parameters") else contextlib.nullcontext():
+        for i in range(0, len(blocks), batch_size):
+            batch = {k: torch.stack([b[k] for b in blocks[i:i + batch_size]])
+                     for k in ("input_ids", "attention_mask", "labels")}
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+            targets = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += int((targets != -100).sum())
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def lm_eval_tasks(model_path: str, tasks: list[str], task_path: str | None = None,
+                  num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
+                  model=None, tokenizer=None) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness results, task -> metric -> value (stderr as ``<metric>_stderr``).
+
+    A plain model directory or hub id goes to the harness as ``--model hf
+    --model_args pretrained=PATH``, exactly what the ``lm_eval`` command does with it, so the
+    numbers are the same. Anything the harness cannot load by path (an adapter on its base, a
+    quantized model) is passed in already loaded as ``model``.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=task_path) if task_path else TaskManager()
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        where = f" or in {task_path}" if task_path else " (set bench.task_path for local YAML tasks)"
+        raise UserError(f"lm-eval task {unknown[0]!r}: not in the harness registry{where}")
+    common = dict(tasks=tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                  task_manager=task_manager, log_samples=False, verbosity="ERROR")
+    if model is None:
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}",
+                                          device=str(device()), **common)
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=wrapped, **common)
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        out[task] = {}
+        for key, value in metrics.items():
+            name, comma, _filter = key.partition(",")  # "acc,none": metric, filter
+            if comma and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[task][name] = float(value)
+    return out

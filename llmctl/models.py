@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from llmctl.errors import UserError
+from llmctl.quantization import is_quantized_dir, load as load_quantized
 from llmctl.recipe import LoraConfig, ModelConfig
 from llmctl.rundir import looks_local
 
@@ -101,7 +102,10 @@ def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
 
 def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str | None = None,
                    **kwargs: Any) -> PreTrainedModel:
-    """A causal LM from a directory or hub id; an adapter directory is loaded on its base."""
+    """A causal LM from a directory or hub id; an adapter directory is loaded on its base, a
+    quantized one (``llmctl quantize`` output) by its backend."""
+    if is_quantized_dir(path):
+        return load_quantized(path)
     common = _load_kwargs(model_cfg, dtype, **kwargs)
     if is_adapter_dir(path):
         from peft import PeftModel

@@ -11,7 +11,7 @@ from llmctl.rundir import read_manifest
 
 # A stage is a module llmctl.stages.<name> with run(recipe, run_dir). Stages whose issues have
 # not landed yet are absent here and answer "not implemented yet".
-IMPLEMENTED = ("pretrain", "sft", "merge", "reward", "ppo", "dpo", "generate")
+IMPLEMENTED = ("pretrain", "sft", "merge", "reward", "ppo", "dpo", "quantize", "bench", "generate")
 
 
 class NotImplementedStage(Exception):

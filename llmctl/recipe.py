@@ -20,6 +20,8 @@ from llmctl.errors import UserError
 
 # The order `llmctl run` executes stages in.
 PIPELINE = ("pretrain", "sft", "merge", "reward", "ppo", "dpo", "quantize", "bench", "generate")
+# Stages that produce a model, latest first: the default input of the stages after them.
+MODEL_STAGES = ("ppo", "dpo", "merge", "sft", "pretrain")
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -177,6 +179,68 @@ class MergeConfig(Section):
     tolerance: float = 1e-3
 
 
+class QuantizeConfig(Section):
+    """Post-training quantization with an accuracy criterion (see llmctl.quantization)."""
+
+    model: str | None = None  # default: the last trained model (ppo > dpo > merge > sft > pretrain)
+    backend: Literal["inc", "torch", "openvino", "bnb"] = "inc"
+    method: str = "rtn"  # inc: rtn gptq awq; torch: dynamic; openvino and bnb: weight
+    bits: Literal[4, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    # Calibration for GPTQ/AWQ: rows of a [data.<name>] source, as seq_len-token blocks.
+    calibration: str | None = None  # default: the metric's data source
+    calibration_samples: int = 32
+    # The accuracy criterion: a metric measured before and after on held-out data.
+    metric: Literal["perplexity", "task"] = "perplexity"
+    data: str | None = None  # perplexity: the [data.<name>] source whose eval split is scored
+    seq_len: int = 256
+    eval_batch_size: int = 4
+    eval_max_batches: int | None = 16
+    task: str | None = None  # metric = "task": an lm-eval task name
+    task_path: str | None = None  # directory of local lm-eval YAML tasks
+    task_metric: str = "acc"
+    limit: int | None = None  # lm-eval documents per task
+    tolerable_loss: float = 0.01  # relative: 0.01 = at most 1% worse than the fp model
+    max_trials: int = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizeConfig":
+        if self.tolerable_loss < 0:
+            raise ValueError("tolerable_loss must be >= 0")
+        if self.max_trials < 1:
+            raise ValueError("max_trials must be >= 1")
+        if self.metric == "task" and not self.task:
+            raise ValueError("metric = \"task\" needs task (an lm-eval task name)")
+        return self
+
+
+class LatencyConfig(Section):
+    """Generation timing: forced lengths (min = max new tokens), median of several runs."""
+
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    num_beams: list[int] = Field(default_factory=lambda: [1, 4])
+    runs: int = 3
+
+
+class BenchConfig(Section):
+    # Stage names ("merge", "quantize", ...) or model paths; default: the last trained model
+    # and, when the recipe quantizes, the quantized one: the vanilla-vs-quantized table.
+    models: list[str] = Field(default_factory=list)
+    tasks: list[str] = Field(default_factory=list)  # lm-eval tasks (registry or task_path)
+    task_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    data: str | None = None  # perplexity on this source's eval split
+    seq_len: int = 256
+    eval_batch_size: int = 4
+    eval_max_batches: int | None = 16
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # runs = 0: no timing
+
+
 class GenerateConfig(Section):
     model: str | None = None  # default: the last model-producing stage of the recipe
     template: str | None = None  # named template or format string; prompt = text before last field
@@ -212,8 +276,8 @@ class Recipe(Section):
     reward: RewardConfig | None = None
     ppo: PpoConfig | None = None
     dpo: DpoConfig | None = None
-    quantize: dict[str, Any] | None = None
-    bench: dict[str, Any] | None = None
+    quantize: QuantizeConfig | None = None
+    bench: BenchConfig | None = None
     generate: GenerateConfig | None = None
 
     # Where the recipe came from; not a TOML key.
@@ -274,6 +338,10 @@ class Recipe(Section):
         if stage == "dpo":
             cfg = self.stage_config("dpo")
             return {"model": cfg.model or self._model_from("merge", "sft", "pretrain")}
+        if stage == "quantize":
+            return {"model": self.stage_config("quantize").model or self._trained_model()}
+        if stage == "bench":
+            return self._bench_models()
         if stage == "generate":
             return {"model": self.stage_config("generate").model or self._last_model()}
         if stage == "pretrain":
@@ -301,11 +369,37 @@ class Recipe(Section):
             raise UserError(f"{self.source}: {key}: missing (no upstream stage produces a model)")
         return self.model.name_or_path
 
-    def _last_model(self) -> str:
+    def _trained_model(self) -> str:
         # Later stages win: PPO's policy beats the merged SFT model, which beats the adapter...
-        if any(getattr(self, s) is not None for s in ("ppo", "dpo", "merge", "sft", "pretrain")):
-            return self._model_from("ppo", "dpo", "merge", "sft", "pretrain")
-        return self._require_base("generate.model")
+        if self._last_trained_stage():
+            return self._model_from(*MODEL_STAGES)
+        return self._require_base("model.name_or_path")
+
+    def _last_trained_stage(self) -> str | None:
+        return next((s for s in MODEL_STAGES if getattr(self, s) is not None), None)
+
+    def _last_model(self) -> str:
+        """What generate uses by default: the quantized model when there is one."""
+        if self.quantize is not None:
+            return str(self.run_dir / "quantize" / "model")
+        return self._trained_model()
+
+    def _bench_models(self) -> dict[str, str]:
+        """label -> path for each bench model; a stage name stands for that stage's model."""
+        names = list(self.stage_config("bench").models)
+        if not names:
+            names = [self._last_trained_stage() or self._require_base("bench.models")]
+            if self.quantize is not None:
+                names.append("quantize")
+        models = {}
+        for name in names:
+            if name == "quantize":
+                models[name] = str(self.run_dir / "quantize" / "model")
+            elif name in MODEL_STAGES:
+                models[name] = self._model_from(name)
+            else:
+                models[Path(name).name or name] = name
+        return models
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ loss curve and metrics. Reads rows from Deep Lake chunk by chunk and packs them 
 from __future__ import annotations
 
 import math
-from itertools import islice
 from pathlib import Path
 
 from transformers import Trainer, default_data_collator, set_seed
 
-from llmctl.data import Template, TokenBlocks, open_split
+from llmctl.data import Template, TokenBlocks, open_split, token_blocks
 from llmctl.errors import UserError
 from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer, \
     save_model
@@ -51,15 +50,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     template = Template.get(source.template)
     key = f"data.{cfg.data}"
     train_split = open_split(source, template.fields, "train", key)
-    eval_split = open_split(source, template.fields, "eval", key)
     train_blocks = TokenBlocks(train_split, template, tokenizer, cfg.seq_len, cfg.pack, repeat=True)
     eval_cap = cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) \
         if cfg.eval_max_batches else None
-    eval_blocks = list(islice(TokenBlocks(eval_split, template, tokenizer, cfg.seq_len, cfg.pack),
-                              eval_cap))
-    if not eval_blocks:
-        raise UserError(f"{key}: the eval split holds fewer than seq_len={cfg.seq_len} tokens "
-                        f"(raise eval_fraction or set eval_path)")
+    eval_blocks = token_blocks(source, key, "eval", tokenizer, cfg.seq_len, eval_cap, cfg.pack)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     max_steps = cfg.max_steps

@@ -1,0 +1,163 @@
+"""`llmctl quantize`: post-training quantization under an accuracy criterion.
+
+Setup (tokenizer, fp model, held-out metric, calibration data) -> measure the fp model -> try
+the backend's settings in order, most aggressive first, until one is within
+``tolerable_loss`` of the fp model (INC's accuracy-driven tuning: a relative loss bound and a
+trial budget) -> save the accepted model with its tokenizer. Every trial is recorded in
+``trials.json``; when none meets the bound the stage fails and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import set_seed
+
+from llmctl import quantization
+from llmctl.data import token_blocks
+from llmctl.errors import StageFailed, UserError
+from llmctl.evaluation import lm_eval_tasks, perplexity
+from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
+from llmctl.progress import console, stage_header
+from llmctl.recipe import QuantizeConfig, Recipe
+from llmctl.rundir import StageRun, require_input
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    cfg: QuantizeConfig = recipe.stage_config("quantize")
+    set_seed(recipe.run.seed)
+    inputs = recipe.upstream_inputs("quantize")
+    require_input(inputs["model"], "quantize.model")
+    quantization.check_supported(cfg.backend, cfg.method, cfg.bits)
+
+    # -- setup ------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(inputs["model"], recipe.model)
+    model = load_causal_lm(inputs["model"], recipe.model).eval()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # an adapter is quantized merged into its base
+    score, metric_name, higher_is_better = metric_function(recipe, cfg, tokenizer)
+    calibration, example_inputs = calibration_function(recipe, cfg, tokenizer)
+    trials = quantization.trial_settings(cfg, model)
+    stage_header("quantize", f"{cfg.backend} {cfg.method} {cfg.bits}-bit on {inputs['model']}: "
+                             f"{metric_name} within {cfg.tolerable_loss:.1%}, "
+                             f"at most {len(trials)} trial(s)")
+
+    stage = StageRun(run_dir, "quantize", recipe.stage_hash("quantize"), recipe.run.seed,
+                     cfg.model_dump(), inputs).begin()
+    source_dir = inputs["model"]
+    if is_adapter_dir(source_dir) or not Path(source_dir).is_dir():
+        # Backends that export from disk (OpenVINO, GPTQ) need the merged fp model as a directory.
+        source_dir = str(stage.path("fp_model"))
+        save_model(model, tokenizer, Path(source_dir))
+
+    # -- measure, then try settings until one is good enough -------------------------------
+    before = score(model)
+    console.print(f"  fp model: {metric_name} {before:.4f}")
+    records, accepted = [], None
+    for index, settings in enumerate(trials, 1):
+        qmodel = quantization.quantize(model, source_dir, settings, calibration, example_inputs)
+        after = score(qmodel)
+        loss = relative_loss(before, after, higher_is_better)
+        ok = loss <= cfg.tolerable_loss
+        records.append({"trial": index, "settings": settings, "metric": after,
+                        "relative_loss": loss, "accepted": ok})
+        console.print(f"  trial {index}/{len(trials)}: {describe(settings)}: {metric_name} "
+                      f"{after:.4f}, relative loss {loss:+.2%} "
+                      f"{'[green]accepted[/]' if ok else '[red]rejected[/]'}")
+        if ok:
+            accepted = (settings, qmodel, after, loss)
+            break
+        del qmodel
+    stage.path("trials.json").write_text(json.dumps(
+        {"metric": metric_name, "metric_before": before, "tolerable_loss": cfg.tolerable_loss,
+         "trials": records}, indent=2) + "\n")
+    if accepted is None:
+        best = min(records, key=lambda r: r["relative_loss"])
+        raise StageFailed(
+            f"quantize: no setting kept {metric_name} within tolerable_loss={cfg.tolerable_loss} "
+            f"in {len(records)} trial(s); the best lost {best['relative_loss']:.2%} "
+            f"({describe(best['settings'])}); trials in {stage.path('trials.json')}")
+
+    # -- save -------------------------------------------------------------------------------
+    settings, qmodel, after, loss = accepted
+    quantization.save(qmodel, settings, stage.path("model"), tokenizer)
+    if source_dir != inputs["model"]:
+        shutil.rmtree(source_dir)
+    metrics = {
+        "size_bytes_before": quantization.tensor_bytes(model),
+        "size_bytes_after": quantization.weight_bytes(stage.path("model")),
+        "metric_before": before,
+        "metric_after": after,
+        "relative_loss": loss,
+        "tolerable_loss": cfg.tolerable_loss,
+        "accepted": 1,
+        "trials": len(records),
+    }
+    metrics["compression"] = metrics["size_bytes_before"] / metrics["size_bytes_after"]
+    final = stage.finish(metrics, {"model": "model", "trials": "trials.json"},
+                         extra={"metric": metric_name, "settings": settings})
+    console.print(f"  {metrics['size_bytes_before'] / 2**20:.1f} MiB -> "
+                  f"{metrics['size_bytes_after'] / 2**20:.1f} MiB, {metric_name} {before:.4f} -> "
+                  f"{after:.4f} ({loss:+.2%}) -> {final}")
+    return metrics
+
+
+def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
+    """(score(model) -> float, metric name, higher is better) for the accuracy criterion."""
+    if cfg.metric == "perplexity":
+        if not cfg.data:
+            raise UserError(f"{recipe.source}: quantize.data: missing (name the [data.<name>] "
+                            f"source whose eval split measures perplexity)")
+        source = recipe.data_source("quantize", cfg.data)
+        cap = cfg.eval_max_batches * cfg.eval_batch_size if cfg.eval_max_batches else None
+        blocks = token_blocks(source, f"data.{cfg.data}", "eval", tokenizer, cfg.seq_len, cap)
+        return (lambda model: perplexity(model, blocks, cfg.eval_batch_size)), "perplexity", False
+
+    def task_score(model) -> float:
+        results = lm_eval_tasks("", [cfg.task], cfg.task_path, limit=cfg.limit,
+                                batch_size=cfg.eval_batch_size, model=model, tokenizer=tokenizer)
+        if cfg.task_metric not in results[cfg.task]:
+            raise UserError(f"quantize.task_metric: {cfg.task} reports no {cfg.task_metric!r} "
+                            f"(it has {', '.join(sorted(results[cfg.task]))})")
+        return results[cfg.task][cfg.task_metric]
+
+    return task_score, f"{cfg.task}.{cfg.task_metric}", True
+
+
+def calibration_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
+    """GPTQ and AWQ see ``calibration_samples`` blocks of the calibration source's train split."""
+    if cfg.method not in ("gptq", "awq"):
+        return None, None
+    name = cfg.calibration or cfg.data
+    if not name:
+        raise UserError(f"{recipe.source}: quantize.calibration: missing ({cfg.method} needs "
+                        f"calibration data: name a [data.<name>] source)")
+    source = recipe.data_source("quantize", name)
+    blocks = token_blocks(source, f"data.{name}", "train", tokenizer, cfg.seq_len,
+                          cfg.calibration_samples)
+
+    def calibrate(model) -> None:
+        for block in blocks:
+            model(input_ids=block["input_ids"].unsqueeze(0))
+
+    return calibrate, blocks[0]["input_ids"].unsqueeze(0)
+
+
+def relative_loss(before: float, after: float, higher_is_better: bool) -> float:
+    """How much worse, as a fraction of the fp model's figure (negative: better)."""
+    if higher_is_better:
+        return (before - after) / abs(before) if before else float(after < before)
+    return (after - before) / abs(before)
+
+
+def describe(settings: dict) -> str:
+    parts = [settings["backend"], settings["method"], f"{settings['bits']}-bit"]
+    if settings["backend"] in ("inc", "openvino") and settings["bits"] == 4:
+        parts.append(f"group {settings['group_size']}")
+    if "ratio" in settings:
+        parts.append(f"ratio {settings['ratio']}")
+    if settings.get("fp32_modules"):
+        parts.append(f"fp32: {', '.join(settings['fp32_modules'])}")
+    return " ".join(parts)
