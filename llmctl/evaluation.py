@@ -11,6 +11,7 @@ evidence of `llmctl sft`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from typing import Any
@@ -162,6 +163,24 @@ def perplexity(model, blocks: list[dict[str, torch.Tensor]], batch_size: int = 4
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager_for(task_path: str | None):
+    """lm-eval's task index (building it takes seconds: one per task directory per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_path) if task_path else TaskManager()
+
+
+def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks"):
+    """The task manager, once every task name is known to it (exit 2 otherwise)."""
+    task_manager = task_manager_for(task_path)
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        where = f" or in {task_path}" if task_path else " (set task_path for local YAML tasks)"
+        raise UserError(f"{key}: lm-eval task {unknown[0]!r} is not in the harness registry{where}")
+    return task_manager
+
+
 def lm_eval_tasks(model_path: str, tasks: list[str], task_path: str | None = None,
                   num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
                   model=None, tokenizer=None) -> dict[str, dict[str, float]]:
@@ -173,13 +192,8 @@ def lm_eval_tasks(model_path: str, tasks: list[str], task_path: str | None = Non
     quantized model) is passed in already loaded as ``model``.
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=task_path) if task_path else TaskManager()
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
-    if unknown:
-        where = f" or in {task_path}" if task_path else " (set bench.task_path for local YAML tasks)"
-        raise UserError(f"lm-eval task {unknown[0]!r}: not in the harness registry{where}")
+    task_manager = check_tasks(tasks, task_path)
     common = dict(tasks=tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   task_manager=task_manager, log_samples=False, verbosity="ERROR")
     if model is None:

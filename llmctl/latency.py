@@ -63,7 +63,7 @@ def peak_memory() -> Iterator[dict[str, int]]:
 
 
 @torch.inference_mode()
-def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, num_beams: int,
+def generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, num_beams: int,
                       pad_token_id: int) -> float:
     input_ids = input_ids.to(model_device(model))
     start = time.perf_counter()
@@ -78,11 +78,11 @@ def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, num_beams
 def time_generation(model, input_ids: torch.Tensor, new_tokens: int, num_beams: int = 1,
                     runs: int = 3, pad_token_id: int = 0) -> dict[str, float]:
     """Median seconds for ``new_tokens`` forced tokens, time to first token, tokens/s, peak memory."""
-    _generate_seconds(model, input_ids, min(new_tokens, 4), num_beams, pad_token_id)  # warm-up
+    generate_seconds(model, input_ids, min(new_tokens, 4), num_beams, pad_token_id)  # warm-up
     with peak_memory() as memory:
-        totals = [_generate_seconds(model, input_ids, new_tokens, num_beams, pad_token_id)
+        totals = [generate_seconds(model, input_ids, new_tokens, num_beams, pad_token_id)
                   for _ in range(runs)]
-    first = [_generate_seconds(model, input_ids, 1, num_beams, pad_token_id) for _ in range(runs)]
+    first = [generate_seconds(model, input_ids, 1, num_beams, pad_token_id) for _ in range(runs)]
     seconds = statistics.median(totals)
     return {"seconds": seconds, "ttft_seconds": statistics.median(first),
             "tokens_per_second": input_ids.shape[0] * new_tokens / seconds,

@@ -9,18 +9,8 @@ from llmctl.progress import console
 from llmctl.recipe import PIPELINE, Recipe
 from llmctl.rundir import read_manifest
 
-# A stage is a module llmctl.stages.<name> with run(recipe, run_dir). Stages whose issues have
-# not landed yet are absent here and answer "not implemented yet".
-IMPLEMENTED = ("pretrain", "sft", "merge", "reward", "ppo", "dpo", "quantize", "bench", "generate")
-
-
-class NotImplementedStage(Exception):
-    exit_code = 1
-
-
 def stage_function(stage: str) -> Callable:
-    if stage not in IMPLEMENTED:
-        raise NotImplementedStage(f"llmctl {stage}: not implemented yet")
+    """A stage is the module llmctl.stages.<name> and its run(recipe, run_dir)."""
     return importlib.import_module(f"llmctl.stages.{stage}").run
 
 

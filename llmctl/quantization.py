@@ -199,7 +199,9 @@ def _openvino_export(source_dir: str, settings: dict[str, Any]):
     weights = OVWeightQuantizationConfig(
         bits=settings["bits"], sym=settings["sym"],
         group_size=settings["group_size"] if settings["bits"] == 4 else None,
-        ratio=settings.get("ratio", 1.0) if settings["bits"] == 4 else 1.0)
+        ratio=settings.get("ratio", 1.0) if settings["bits"] == 4 else 1.0,
+        # A layer whose width the group size does not divide gets the largest group that does.
+        group_size_fallback="adjust" if settings["bits"] == 4 else None)
     return OVModelForCausalLM.from_pretrained(source_dir, export=True,
                                               quantization_config=weights)
 
@@ -273,7 +275,8 @@ def _dynamic_state(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
             weight, bias = module._packed_params._weight_bias()
             state[f"{name}.weight_int8"] = weight.int_repr().contiguous()
             state[f"{name}.weight_scale"] = weight.q_per_channel_scales().float().contiguous()
-            state[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points().contiguous()
+            # qint8 zero points fit int8 (and are 0 for the symmetric weights used here).
+            state[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points().to(torch.int8)
             if bias is not None:
                 state[f"{name}.bias"] = bias.detach().contiguous()
             quantized.add(name)
@@ -302,7 +305,7 @@ def _load_torch_dynamic(path: Path, settings: dict[str, Any]) -> torch.nn.Module
         if isinstance(module, DynamicLinear):
             weight = torch._make_per_channel_quantized_tensor(
                 state.pop(f"{name}.weight_int8"), state.pop(f"{name}.weight_scale").double(),
-                state.pop(f"{name}.weight_zero_point"), 0)
+                state.pop(f"{name}.weight_zero_point").long(), 0)
             module.set_weight_bias(weight, state.pop(f"{name}.bias", None))
     # The int8 modules are set; every other tensor is copied into place by name.
     tensors = dict(model.named_parameters(remove_duplicate=False))

@@ -398,8 +398,20 @@ class Recipe(Section):
             elif name in MODEL_STAGES:
                 models[name] = self._model_from(name)
             else:
-                models[Path(name).name or name] = name
+                models[_unique_label(name, models)] = name
         return models
+
+
+def _unique_label(path: str, taken: dict[str, str]) -> str:
+    """A short name for a model path: its directory name, or for a stage's ``model`` /
+    ``adapter`` directory the stage's name; ``-2``, ``-3``... when that is taken."""
+    parts = Path(path).parts
+    label = parts[-2] if len(parts) > 1 and parts[-1] in ("model", "adapter") else parts[-1]
+    unique, n = label, 1
+    while unique in taken:
+        n += 1
+        unique = f"{label}-{n}"
+    return unique
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -52,12 +52,6 @@ def test_missing_column_is_exit_2(tiny_recipe, capsys):
     assert "data.corpus.columns.text: dataset" in err and "no column 'body'" in err and "columns: text" in err
 
 
-def test_unimplemented_stage_exits_1(tiny_recipe, capsys):
-    recipe = tiny_recipe("\n[quantize]\n")
-    code, _, err = run_cli(["quantize", recipe], capsys)
-    assert code == 1 and "not implemented yet" in err
-
-
 def test_dry_run_prints_resolved_and_touches_nothing(tiny_recipe, tmp_path, capsys):
     code, out, err = run_cli(["pretrain", tiny_recipe(), "--dry-run", "--set", "pretrain.lr=0.1"], capsys)
     assert code == 0, err

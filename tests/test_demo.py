@@ -33,12 +33,20 @@ def test_demo_end_to_end(tmp_path, capsys):
     for key in ("reward_mean_before", "reward_mean_after", "reward_mean_first", "reward_mean_last"):
         assert -10 < ppo["metrics"][key] < 10
     assert abs(ppo["metrics"]["kl_last"]) <= ppo["recipe"]["max_kl"]
-    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "ppo" / "model")
+    quantize = manifest(run_dir / "quantize")["metrics"]
+    assert quantize["accepted"] == 1 and quantize["relative_loss"] <= quantize["tolerable_loss"]
+    assert quantize["size_bytes_after"] < 0.7 * quantize["size_bytes_before"]
+    bench = manifest(run_dir / "bench")["metrics"]
+    assert bench["demo_sentiment.acc"] > 0.5  # the tuned model, on lm-eval's own scoring
+    assert abs(bench["quantize/demo_sentiment.acc"] - bench["demo_sentiment.acc"]) <= 0.05
+    assert bench["quantize/greedy_b1_tokens_per_second"] > 0
+    assert (run_dir / "bench" / "report.md").exists()
+    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "quantize" / "model")
     assert manifest(run_dir / "generate")["metrics"]["new_tokens"] > 0
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
-    assert code == 0 and err.count("up to date, skipped") == 6
+    assert code == 0 and err.count("up to date, skipped") == 8
 
 
 def test_repo_demo_recipe_matches_embedded_one():

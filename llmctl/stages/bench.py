@@ -18,7 +18,7 @@ from rich.table import Table
 from transformers import set_seed
 
 from llmctl.data import token_blocks
-from llmctl.evaluation import lm_eval_tasks, perplexity
+from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
 from llmctl.models import device, is_adapter_dir, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
@@ -34,6 +34,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     for label, path in models.items():
         require_input(path, f"bench.models ({label})")
     source = recipe.data_source("bench", cfg.data) if cfg.data else None
+    if cfg.tasks:
+        check_tasks(cfg.tasks, cfg.task_path)
     stage_header("bench", f"{', '.join(models)}: {', '.join(cfg.tasks) or 'no lm-eval tasks'}"
                           f"{', perplexity' if source else ''}"
                           f"{', latency' if cfg.latency.runs else ''}")

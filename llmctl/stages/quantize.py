@@ -18,7 +18,7 @@ from transformers import set_seed
 from llmctl import quantization
 from llmctl.data import token_blocks
 from llmctl.errors import StageFailed, UserError
-from llmctl.evaluation import lm_eval_tasks, perplexity
+from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
 from llmctl.progress import console, stage_header
 from llmctl.recipe import QuantizeConfig, Recipe
@@ -114,6 +114,8 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
         cap = cfg.eval_max_batches * cfg.eval_batch_size if cfg.eval_max_batches else None
         blocks = token_blocks(source, f"data.{cfg.data}", "eval", tokenizer, cfg.seq_len, cap)
         return (lambda model: perplexity(model, blocks, cfg.eval_batch_size)), "perplexity", False
+
+    check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
     def task_score(model) -> float:
         results = lm_eval_tasks("", [cfg.task], cfg.task_path, limit=cfg.limit,

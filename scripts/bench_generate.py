@@ -1,0 +1,193 @@
+"""Generation speed and quality of every quantization backend against fp32 eager PyTorch.
+
+Measured in one run:
+
+1. the machine's memory read bandwidth, the ceiling of batch-1 decoding;
+2. on an OPT-125m-shaped model built from its config (the real one's compute; no download):
+   median seconds for ``--tokens`` forced new tokens, greedy and 4-beam, for fp32 eager (the
+   baseline), bf16 eager, and each backend as `llmctl quantize` builds it. The rounds interleave
+   the variants, because this machine's speed drifts by +-20% within a minute;
+3. on the trained demo model (``runs/demo``, made by ``llmctl demo`` if missing): each
+   backend's quality loss against the fp model, perplexity on the held-out sentiment rows and
+   accuracy on the demo lm-eval task.
+
+Prints speed-ups (course targets: 2.2x greedy, 3.5x beam), batch-1 tokens/s as a fraction of
+bandwidth / weight bytes read per token, and relative quality loss (target: within 1%). Usage:
+
+    python scripts/bench_generate.py [--tokens 256] [--rounds 3] [--demo-run-dir runs/demo]
+"""
+
+from __future__ import annotations
+
+from llmctl.env import quiet_libraries
+
+quiet_libraries()  # before transformers is imported
+
+import argparse  # noqa: E402
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+from llmctl import quantization
+from llmctl.data import token_blocks
+from llmctl.evaluation import lm_eval_tasks, perplexity
+from llmctl.latency import generate_seconds
+from llmctl.models import load_causal_lm, load_tokenizer
+from llmctl.recipe import load_recipe
+
+# name -> (quantize settings or a dtype for eager PyTorch, bytes per weight in decoder layers,
+# bytes per weight of the output projection): what one decoding step reads.
+VARIANTS = {
+    "fp32 eager": (torch.float32, 4.0, 4.0),
+    "bf16 eager": (torch.bfloat16, 2.0, 2.0),
+    "torch dynamic int8": ({"backend": "torch", "method": "dynamic", "bits": 8, "group_size": -1,
+                            "sym": True, "fp32_modules": []}, 1.0, 1.0),
+    "inc rtn int4 g128": ({"backend": "inc", "method": "rtn", "bits": 4, "group_size": 128,
+                           "sym": True}, 0.5, 4.0),
+    "openvino fp32": ({"backend": "openvino", "method": "weight", "bits": 16}, 4.0, 4.0),
+    "openvino int8": ({"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
+                       "sym": False}, 1.0, 1.0),
+    "openvino int4 g128": ({"backend": "openvino", "method": "weight", "bits": 4,
+                            "group_size": 128, "sym": True, "ratio": 1.0}, 0.5, 1.0),
+}
+
+
+def read_bandwidth(gib: float = 1.0, trials: int = 7) -> float:
+    """Bytes/s reading a large fp32 tensor (a sum is one read per element); the median trial."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def build(variant, fp_model, source_dir: str):
+    spec = VARIANTS[variant][0]
+    if isinstance(spec, torch.dtype):
+        return fp_model if spec == torch.float32 else _copy_to(fp_model, spec)
+    if spec["backend"] == "openvino" and spec["bits"] == 16:
+        from optimum.intel import OVModelForCausalLM
+
+        return OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)
+    return quantization.quantize(fp_model, source_dir, spec)
+
+
+def _copy_to(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def speed(args, bandwidth: float) -> dict:
+    torch.manual_seed(0)
+    config = OPTConfig()  # facebook/opt-125m: 12 layers, 768 wide, 50,272-token vocabulary
+    model = OPTForCausalLM(config).eval()
+    layer_weights = sum(m.weight.numel() for m in model.model.decoder.layers.modules()
+                        if isinstance(m, torch.nn.Linear))
+    head_weights = model.lm_head.weight.numel()
+    prompt = torch.randint(4, config.vocab_size, (1, 32))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        models = {}
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            models[variant] = build(variant, model, tmp)
+            print(f"  built {variant} in {time.perf_counter() - t0:.1f} s", flush=True)
+        times = {(v, beams): [] for v in models for beams in (1, 4)}
+        for v in models:  # warm-up
+            for beams in (1, 4):
+                generate_seconds(models[v], prompt, 8, beams, config.pad_token_id)
+        for r in range(args.rounds):
+            for v in models:
+                for beams in (1, 4):
+                    s = generate_seconds(models[v], prompt, args.tokens, beams, config.pad_token_id)
+                    times[(v, beams)].append(s)
+                    print(f"  round {r + 1} {v} {'greedy' if beams == 1 else 'beam4'}: {s:.2f} s",
+                          flush=True)
+    for v in models:
+        _, layer_bytes, head_bytes = VARIANTS[v]
+        bytes_per_token = layer_weights * layer_bytes + head_weights * head_bytes
+        greedy = statistics.median(times[(v, 1)])
+        beam = statistics.median(times[(v, 4)])
+        results[v] = {
+            "greedy_seconds": greedy, "beam4_seconds": beam,
+            "greedy_speedup": statistics.median(times[("fp32 eager", 1)]) / greedy,
+            "beam4_speedup": statistics.median(times[("fp32 eager", 4)]) / beam,
+            "tokens_per_second_b1": args.tokens / greedy,
+            "roofline_tokens_per_second": bandwidth / bytes_per_token,
+        }
+        results[v]["fraction_of_roofline"] = (results[v]["tokens_per_second_b1"]
+                                              / results[v]["roofline_tokens_per_second"])
+    return results
+
+
+def quality(args) -> dict:
+    run_dir = Path(args.demo_run_dir)
+    if not (run_dir / "ppo" / "model").exists():
+        from llmctl.demo.pipeline import run_demo
+
+        run_demo(run_dir)
+    recipe = load_recipe(run_dir / "recipe.toml")
+    source_dir = str(run_dir / "ppo" / "model")
+    tokenizer = load_tokenizer(source_dir)
+    fp_model = load_causal_lm(source_dir).eval()
+    blocks = token_blocks(recipe.data["sentiment"], "data.sentiment", "eval", tokenizer, 128, 32)
+    task_path = str(run_dir / "assets" / "lm_tasks")
+    results = {}
+    for variant in args.variants:
+        model = build(variant, fp_model, source_dir)
+        acc = lm_eval_tasks("", ["demo_sentiment"], task_path, batch_size=8, model=model,
+                            tokenizer=tokenizer)["demo_sentiment"]["acc"]
+        results[variant] = {"perplexity": perplexity(model, blocks), "acc": acc}
+    base = results["fp32 eager"]
+    for r in results.values():
+        r["perplexity_loss"] = r["perplexity"] / base["perplexity"] - 1
+        r["acc_loss"] = (base["acc"] - r["acc"]) / base["acc"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--demo-run-dir", default="runs/demo")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if "fp32 eager" not in args.variants:
+        args.variants.insert(0, "fp32 eager")
+
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    print(f"OPT-125m shape, {args.tokens} forced tokens, batch 1, median of {args.rounds}:")
+    fast = speed(args, bandwidth)
+    print("demo model quality (perplexity on held-out sentiment rows, demo_sentiment acc):")
+    good = quality(args)
+
+    print()
+    print(f"| variant | greedy s | speed-up | 4-beam s | speed-up | tok/s b1 | roofline tok/s "
+          f"| of roofline | demo perplexity loss | demo acc loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in args.variants:
+        s, q = fast[v], good[v]
+        print(f"| {v} | {s['greedy_seconds']:.2f} | {s['greedy_speedup']:.2f}x | "
+              f"{s['beam4_seconds']:.2f} | {s['beam4_speedup']:.2f}x | "
+              f"{s['tokens_per_second_b1']:.1f} | {s['roofline_tokens_per_second']:.0f} | "
+              f"{s['fraction_of_roofline']:.0%} | {q['perplexity_loss']:+.2%} | "
+              f"{q['acc_loss']:+.2%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "speed": fast,
+                                               "quality": good}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
