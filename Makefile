@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here,
 # while on a GPU box the same pin resolves to the CUDA wheel from PyPI.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,openvino,wandb
 
 .PHONY: install demo test bench clean
 

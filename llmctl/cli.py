@@ -52,15 +52,17 @@ def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
     return load_recipe(recipe_path, overrides)
 
 
-def _dry_run(recipe, stages: list[str]) -> None:
+def _dry_run(recipe, stages: list[str], distributed: dict | None = None) -> None:
     from rich.console import Console
 
     from llmctl.recipe import dump_resolved
 
     resolved = dump_resolved(recipe)
     inputs = {s: recipe.upstream_inputs(s) for s in stages}  # raises on unresolvable inputs
-    Console().print_json(json.dumps({"recipe": resolved, "stages": stages, "inputs": inputs},
-                                    default=str))
+    plan = {"recipe": resolved, "stages": stages, "inputs": inputs}
+    if distributed:
+        plan["distributed"] = distributed
+    Console().print_json(json.dumps(plan, default=str))
 
 
 def _stage_command(stage: str):
@@ -68,10 +70,13 @@ def _stage_command(stage: str):
                 set_: list[str] = SetOpt, dry_run: bool = DryRunOpt, debug: bool = DebugOpt):
         from llmctl.pipeline import run_stage
 
+        from llmctl import distributed
+
         loaded = _load(recipe, run_dir, set_)
         loaded.stage_config(stage)
         if dry_run:
-            _dry_run(loaded, [stage])
+            _dry_run(loaded, [stage], distributed.describe(loaded, stage)
+                     if stage in distributed.TRAINING_STAGES else None)
             return
         run_stage(loaded, stage)
 
@@ -217,6 +222,7 @@ def main() -> None:
         # Our own exceptions carry an exit code and a message written for users.
         code = getattr(err, "exit_code", 1)
         message = str(err) if hasattr(err, "exit_code") else f"{type(err).__name__}: {err}"
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        if message:  # (empty when launched processes have already said what went wrong)
+            print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(code)
     sys.exit(rc if isinstance(rc, int) else 0)

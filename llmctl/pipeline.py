@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from llmctl import distributed
 from llmctl.progress import console
 from llmctl.recipe import PIPELINE, Recipe
 from llmctl.rundir import read_manifest
@@ -16,6 +17,13 @@ def stage_function(stage: str) -> Callable:
 
 def run_stage(recipe: Recipe, stage: str) -> dict:
     recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
+    if stage in distributed.TRAINING_STAGES:
+        distributed.check_supported(recipe.distributed)
+        if distributed.should_launch(recipe.distributed, stage):
+            # The same stage, once per process, under torchrun / accelerate launch.
+            distributed.launch(recipe, stage)
+            return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})
+        distributed.init()
     return stage_function(stage)(recipe, recipe.run_dir)
 
 

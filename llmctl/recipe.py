@@ -56,6 +56,26 @@ class DataSource(Section):
     limit: int | None = None  # use at most this many rows (after the query)
 
 
+class DistributedConfig(Section):
+    """Several processes for the training stages (see llmctl.distributed)."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    num_processes: int = 1  # per machine; > 1 makes `llmctl STAGE` launch itself with torchrun
+    config_file: str | None = None  # your accelerate config (may name a DeepSpeed JSON): wins
+    fsdp_sharding: Literal["full", "hybrid", "shard_grad_op"] = "full"
+    fsdp_wrap: list[str] = Field(default_factory=list)  # layer classes; default: the model's own
+    zero_stage: Literal[1, 2, 3] = 2
+    cpu_offload: bool = False  # FSDP parameters / ZeRO optimizer state (and params at stage 3)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedConfig":
+        if self.num_processes < 1:
+            raise ValueError("num_processes must be >= 1")
+        if self.num_processes > 1 and self.strategy == "none" and not self.config_file:
+            raise ValueError("num_processes > 1 needs a strategy (ddp, fsdp or deepspeed)")
+        return self
+
+
 class TrainConfig(Section):
     """Knobs every Trainer-based stage shares."""
 
@@ -76,7 +96,7 @@ class TrainConfig(Section):
     eval_steps: int | None = None  # None: evaluate once at the end only
     save_steps: int = 500
     save_total_limit: int | None = 2
-    eval_max_batches: int | None = None  # cap on evaluation batches (None: the whole eval split)
+    eval_max_batches: int | None = None  # cap on evaluation batches of the whole job (None: all)
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     dataloader_drop_last: bool = False
 
@@ -270,6 +290,7 @@ class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: dict[str, DataSource] = Field(default_factory=dict)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     pretrain: PretrainConfig | None = None
     sft: SftConfig | None = None
     merge: MergeConfig | None = None
@@ -282,6 +303,7 @@ class Recipe(Section):
 
     # Where the recipe came from; not a TOML key.
     source: str = Field(default="<recipe>", exclude=True)
+    overrides: list[str] = Field(default_factory=list, exclude=True)  # the --set items applied
 
     @property
     def run_dir(self) -> Path:
@@ -477,7 +499,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: invalid TOML: {err}") from None
     apply_overrides(raw, overrides or [])
-    return validate(raw, str(path))
+    recipe = validate(raw, str(path))
+    recipe.overrides = list(overrides or [])
+    return recipe
 
 
 def dump_resolved(recipe: Recipe) -> dict[str, Any]:

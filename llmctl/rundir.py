@@ -29,6 +29,13 @@ TRACKED_PACKAGES = (
 )
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -88,9 +95,11 @@ class StageRun:
     recipe: dict[str, Any]
     inputs: dict[str, str] = field(default_factory=dict)
     started_at: str = field(default_factory=now_iso)
-    is_main_process: bool = True
+    # Under torchrun / accelerate launch only rank 0 writes; the others train and return.
+    is_main_process: bool = field(default_factory=lambda: int(os.environ.get("RANK", "0")) == 0)
 
     def __post_init__(self) -> None:
+        self.tracking: dict[str, str] = {}  # tracker and run name, when a Trainer logs to one
         self.run_dir = Path(self.run_dir)
         self.final_dir = self.run_dir / self.stage
         self.work_dir = self.run_dir / ".partial" / self.stage
@@ -110,6 +119,7 @@ class StageRun:
         if self.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             stamp.write_text(self.config_hash)
+        _barrier()  # every rank sees the same work directory (and checkpoints) from here on
         return self
 
     def last_checkpoint(self) -> str | None:
@@ -148,6 +158,7 @@ class StageRun:
             "outputs": outputs,
             "versions": package_versions(),
             "metrics": metrics,
+            **({"tracking": self.tracking} if self.tracking else {}),
             **(extra or {}),
         }
         tmp = self.work_dir / (MANIFEST + ".tmp")

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from llmctl import distributed
 from llmctl.errors import UserError
-from llmctl.models import resolve_precision
-from llmctl.progress import RichProgress, console
-from llmctl.recipe import TrainConfig
+from llmctl.models import resolve_precision, save_model
+from llmctl.progress import RichProgress, console, save_loss_curve
+from llmctl.recipe import Recipe, TrainConfig
 from llmctl.rundir import StageRun
 
 
-def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
+def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
                   args_cls: type[TrainingArguments] = TrainingArguments,
                   **overrides) -> TrainingArguments:
-    """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table."""
+    """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table,
+    with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker."""
     precision = resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
+    seed, run_name = recipe.run.seed, f"{recipe.run.name}-{stage.stage}"
+    # The tracker's run is named after the stage and keeps its files in the stage directory; the
+    # manifest records the name and the tracker records output_dir: each finds the other.
+    # Credentials stay in the environment (wandb reads WANDB_API_KEY itself), never in files.
+    stage.tracking = {"report_to": cfg.report_to, "run_name": run_name}
+    if cfg.report_to == "wandb":
+        os.environ["WANDB_DIR"] = str(stage.work_dir)
+        os.environ["WANDB_NAME"] = run_name
+        stage.tracking["dir"] = "wandb"
+    elif cfg.report_to == "tensorboard":
+        stage.tracking["dir"] = "logs"
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
         output_dir=str(stage.checkpoint_dir),
@@ -54,6 +69,7 @@ def training_args(cfg: TrainConfig, stage: StageRun, seed: int, run_name: str,
         dataloader_drop_last=cfg.dataloader_drop_last,
         dataloader_num_workers=0,
     )
+    kwargs.update(distributed.trainer_arguments(recipe.distributed))
     kwargs.update(overrides)
     return args_cls(**kwargs)
 
@@ -121,3 +137,42 @@ def require_tracker(report_to: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise UserError(f"report_to = \"{report_to}\" needs the {module} package: "
                         f"pip install 'llmctl[{extra}]' (or set report_to = \"none\")")
+
+
+def save_trained(trainer: Trainer, model, tokenizer, path, stage: StageRun) -> None:
+    """The final weights, written once. Under FSDP or ZeRO-3 every rank must call this: the
+    Trainer gathers the shards and rank 0 writes them."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(path))
+        if stage.is_main_process:
+            (path / "training_args.bin").unlink(missing_ok=True)  # pickled: not an output
+            tokenizer.save_pretrained(str(path))
+    elif stage.is_main_process:
+        save_model(model, tokenizer, path)
+
+
+def batch_metrics(cfg: TrainConfig) -> dict[str, int]:
+    """Samples per optimizer step across all processes, and how many processes there were."""
+    world = distributed.world_size()
+    return {"world_size": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world}
+
+
+def save_training_log(trainer: Trainer, stage: StageRun) -> dict[str, str]:
+    """``loss_curve.png`` and ``log_history.json`` (every logged loss, by step), from rank 0;
+    closes the tracker's run; returns the files as manifest outputs."""
+    if stage.is_main_process:
+        save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), stage.stage)
+        stage.path("log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if "wandb" in trainer.args.report_to:
+        import wandb
+
+        wandb.finish()  # complete its files before the stage directory is published
+    return {"loss_curve": "loss_curve.png", "log_history": "log_history.json"}
+
+
+def eval_cap(cfg: TrainConfig) -> int | None:
+    """Examples ``eval_max_batches`` allows: batches of the whole job, so one process and
+    several evaluate the same examples."""
+    if not cfg.eval_max_batches:
+        return None
+    return cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) * distributed.world_size()

@@ -28,8 +28,10 @@ SUMMARY_METRICS = {
     "ppo": ("reward_mean_before", "reward_mean_after", "reward_mean_first", "reward_mean_last",
             "kl_last"),
     "dpo": ("eval_rewards_accuracy",),
-    "quantize": ("size_bytes_before", "size_bytes_after", "relative_loss", "accepted"),
-    "bench": ("demo_sentiment.acc", "perplexity"),
+    "quantize": ("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
+                 "relative_loss", "accepted"),
+    "bench": ("demo_sentiment.acc", "quantize/demo_sentiment.acc", "perplexity",
+              "quantize/perplexity", "quantize/speedup_greedy_b1", "quantize/speedup_beam4_b1"),
     "generate": ("num_prompts", "tokens_per_second"),
 }
 

@@ -14,13 +14,15 @@ from transformers import set_seed
 from trl import DPOConfig as TrlDPOConfig
 from trl import DPOTrainer
 
+from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split
 from llmctl.errors import UserError
-from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, save_model
-from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
+from llmctl.progress import console, stage_header
 from llmctl.recipe import DpoConfig, Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import loss_first_last, show_progress, train, training_args
+from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
+    show_progress, train, training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -45,13 +47,14 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage = StageRun(run_dir, "dpo", recipe.stage_hash("dpo"), recipe.run.seed, cfg.model_dump(),
                      inputs).begin()
     cache = str(stage.path("datasets"))
-    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-dpo",
+    args = training_args(cfg, stage, recipe,
                          args_cls=TrlDPOConfig, beta=cfg.beta, loss_type=[cfg.loss_type],
                          max_length=cfg.max_length)
+    with distributed.main_process_first():  # one process writes the Arrow cache
+        train_ds = hf_dataset(source, "train", key, "preference", cache)
+        eval_ds = hf_dataset(source, "eval", key, "preference", cache)
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=hf_dataset(source, "train", key, "preference", cache),
-                         eval_dataset=hf_dataset(source, "eval", key, "preference", cache),
-                         peft_config=peft_config)
+                         train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config)
     show_progress(trainer, "dpo")
     before = trainer.evaluate()
     train(trainer, stage)
@@ -61,8 +64,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                   f"{after['eval_rewards/accuracies']:.1%} after")
 
     output = "adapter" if cfg.method == "lora" else "model"
-    save_model(trainer.model, tokenizer, stage.path(output))
-    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "dpo")
+    save_trained(trainer, trainer.model, tokenizer, stage.path(output), stage)
+    logs = save_training_log(trainer, stage)
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {
         "eval_rewards_accuracy": float(after["eval_rewards/accuracies"]),
@@ -73,6 +76,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "train_loss_last": last,
         "trainable_params": count_params(trainer.model, trainable_only=True),
         "global_step": trainer.state.global_step,
+        **batch_metrics(cfg),
     }
-    stage.finish(metrics, {output: output, "loss_curve": "loss_curve.png"})
+    stage.finish(metrics, {output: output, **logs})
     return metrics

@@ -12,15 +12,15 @@ from pathlib import Path
 
 from transformers import Trainer, default_data_collator, set_seed
 
+from llmctl import distributed
 from llmctl.data import Template, TokenBlocks, open_split, token_blocks
 from llmctl.errors import UserError
-from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer, \
-    save_model
-from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
+from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import ThroughputMeter, loss_first_last, show_progress, train, \
-    training_args
+from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, save_trained, \
+    save_training_log, show_progress, train, training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -51,11 +51,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     key = f"data.{cfg.data}"
     train_split = open_split(source, template.fields, "train", key)
     train_blocks = TokenBlocks(train_split, template, tokenizer, cfg.seq_len, cfg.pack, repeat=True)
-    eval_cap = cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) \
-        if cfg.eval_max_batches else None
-    eval_blocks = token_blocks(source, key, "eval", tokenizer, cfg.seq_len, eval_cap, cfg.pack)
+    eval_blocks = token_blocks(source, key, "eval", tokenizer, cfg.seq_len, eval_cap(cfg), cfg.pack)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * distributed.world_size() * cfg.seq_len
     max_steps = cfg.max_steps
     if max_steps <= 0:
         # The stream repeats forever, so epochs become a step count: one counting pass.
@@ -66,7 +64,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     stage = StageRun(run_dir, "pretrain", recipe.stage_hash("pretrain"), recipe.run.seed,
                      cfg.model_dump(), inputs).begin()
-    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-pretrain",
+    args = training_args(cfg, stage, recipe,
                          max_steps=max_steps)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks,
                       eval_dataset=eval_blocks, data_collator=default_data_collator)
@@ -79,8 +77,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     eval_loss = float(trainer.evaluate()["eval_loss"])
 
     # -- save -------------------------------------------------------------------------------
-    save_model(trainer.model, tokenizer, stage.path("model"))
-    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "pretrain")
+    save_trained(trainer, trainer.model, tokenizer, stage.path("model"), stage)
+    logs = save_training_log(trainer, stage)
     first, last = loss_first_last(trainer.state.log_history)
     steps_run = trainer.state.global_step - start_step
     metrics = {
@@ -92,10 +90,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "tokens_per_second": tokens_per_step * max(steps_run, 1) / result.metrics["train_runtime"],
         "global_step": trainer.state.global_step,
         "train_tokens": tokens_per_step * trainer.state.global_step,
+        **batch_metrics(cfg),
     }
     if meter.steps_per_second():
         metrics["tokens_per_second_steady"] = tokens_per_step * meter.steps_per_second()
-    final = stage.finish(metrics, {"model": "model", "loss_curve": "loss_curve.png"})
+    final = stage.finish(metrics, {"model": "model", **logs})
     console.print(f"  loss {first:.3f} -> {last:.3f}, eval perplexity {metrics['eval_perplexity']:.2f}"
                   f", {metrics['tokens_per_second']:,.0f} tokens/s -> {final}")
     return metrics

@@ -15,14 +15,16 @@ from transformers import set_seed
 from trl import RewardConfig as TrlRewardConfig
 from trl import RewardTrainer
 
+from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split
 from llmctl.evaluation import accepts_argument, preference_accuracy
 from llmctl.models import build_classifier, count_params, human_count, load_classifier, \
-    load_tokenizer, lora_config, save_model
-from llmctl.progress import console, save_loss_curve, stage_header
+    load_tokenizer, lora_config
+from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, RewardConfig
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import loss_first_last, show_progress, train, training_args
+from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
+    show_progress, train, training_args
 
 EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
 
@@ -58,11 +60,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage = StageRun(run_dir, "reward", recipe.stage_hash("reward"), recipe.run.seed,
                      cfg.model_dump(), inputs).begin()
     cache = str(stage.path("datasets"))
-    train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache), tokenizer,
-                              cfg.max_length)
-    eval_ds = tokenize_pairs(hf_dataset(source, "eval", key, "preference", cache), tokenizer,
-                             cfg.max_length)
-    args = training_args(cfg, stage, recipe.run.seed, f"{recipe.run.name}-reward",
+    with distributed.main_process_first():  # one process writes the Arrow cache
+        train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache),
+                                  tokenizer, cfg.max_length)
+        eval_ds = tokenize_pairs(hf_dataset(source, "eval", key, "preference", cache),
+                                 tokenizer, cfg.max_length)
+    args = training_args(cfg, stage, recipe,
                          args_cls=TrlRewardConfig, max_length=cfg.max_length,
                          disable_dropout=True)
     trainer = EncoderFriendlyRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -78,14 +81,14 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                   f"(mean margin {margin:.3f})")
 
     # -- save -------------------------------------------------------------------------------
-    save_model(trained, tokenizer, stage.path("model"))
-    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "reward")
+    save_trained(trainer, trained, tokenizer, stage.path("model"), stage)
+    logs = save_training_log(trainer, stage)
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {"eval_accuracy": accuracy, "eval_reward_margin": margin, "eval_loss": eval_loss,
                "eval_pairs": len(eval_rows), "train_loss_first": first, "train_loss_last": last,
-               "num_params": count_params(trained), "global_step": trainer.state.global_step}
+               "num_params": count_params(trained), "global_step": trainer.state.global_step, **batch_metrics(cfg)}
     assert all(math.isfinite(v) for v in metrics.values())
-    stage.finish(metrics, {"model": "model", "loss_curve": "loss_curve.png"})
+    stage.finish(metrics, {"model": "model", **logs})
     return metrics
 
 

@@ -14,14 +14,16 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from llmctl import distributed
 from llmctl.data import Template, hf_dataset, open_split
 from llmctl.errors import UserError
 from llmctl.evaluation import candidate_labels, label_accuracy
-from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, save_model
-from llmctl.progress import console, save_loss_curve, stage_header
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
+from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import loss_first_last, show_progress, train, training_args
+from llmctl.training import batch_metrics, eval_cap, loss_first_last, save_trained, save_training_log, \
+    show_progress, train, training_args
 
 EVAL_TASK_ROWS = 200  # rows scored for eval_task_accuracy_before/after
 
@@ -56,13 +58,13 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                      inputs).begin()
     cache = str(stage.path("datasets"))
     layout = "prompt_completion" if cfg.completion_only_loss else "text"
-    train_ds = hf_dataset(source, "train", key, layout, cache)
-    eval_ds = hf_dataset(source, "eval", key, layout, cache)
+    with distributed.main_process_first():  # one process writes the Arrow cache
+        train_ds = hf_dataset(source, "train", key, layout, cache)
+        eval_ds = hf_dataset(source, "eval", key, layout, cache)
     if cfg.eval_max_batches:  # rows, not packed blocks: a cap on evaluation cost
-        eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.eval_max_batches
-                                           * (cfg.eval_batch_size or cfg.batch_size))))
+        eval_ds = eval_ds.select(range(min(len(eval_ds), eval_cap(cfg))))
     args = training_args(
-        cfg, stage, recipe.run.seed, f"{recipe.run.name}-sft", args_cls=SFTConfig,
+        cfg, stage, recipe, args_cls=SFTConfig,
         max_length=cfg.seq_len,
         packing=cfg.packing,
         packing_strategy="wrapped",  # the course's ConstantLengthDataset: fill every block
@@ -87,8 +89,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     # -- save -------------------------------------------------------------------------------
     output = "model" if cfg.method == "full" else "adapter"
-    save_model(trainer.model, tokenizer, stage.path(output))
-    save_loss_curve(trainer.state.log_history, stage.path("loss_curve.png"), "sft")
+    save_trained(trainer, trainer.model, tokenizer, stage.path(output), stage)
+    logs = save_training_log(trainer, stage)
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {
         "trainable_params": trainable,
@@ -99,6 +101,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss),
         "global_step": trainer.state.global_step,
+        **batch_metrics(cfg),
     }
     if labels:
         metrics["eval_task_accuracy_before"] = accuracy_before
@@ -107,7 +110,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         console.print(f"  label accuracy on {len(eval_rows)} held-out rows: "
                       f"{accuracy_before:.3f} before -> {accuracy_after:.3f} after "
                       f"(chance {1 / len(labels):.3f})")
-    stage.finish(metrics, {output: output, "loss_curve": "loss_curve.png"},
+    stage.finish(metrics, {output: output, **logs},
                  extra={"base_model": str(Path(inputs["model"]).resolve())
                         if Path(inputs["model"]).exists() else inputs["model"]})
     return metrics

@@ -206,3 +206,20 @@ def test_killed_ppo_restarts_cleanly(reward_run, tmp_path):
     rerun = run_llmctl(args)
     assert rerun.returncode == 0, rerun.stderr
     assert manifest(tmp_path / "run" / "ppo")["metrics"]["global_step"] == 6
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, stage):
+    """SIGKILL mid-training: nothing finished-looking is left, and the same command resumes from
+    the last checkpoint and ends at the step count of an uninterrupted run."""
+    args = [stage, reward_run, "--run-dir", tmp_path / "run", "--set", f"{stage}.max_steps=24",
+            "--set", f"{stage}.save_steps=4", "--set", f"{stage}.logging_steps=4"]
+    if stage == "dpo":
+        args += ["--set", "dpo.batch_size=8"]
+    ckpts = tmp_path / "run" / ".partial" / stage / "checkpoints"
+    kill_when(args, lambda: (ckpts / "checkpoint-8" / "trainer_state.json").exists())
+    assert not (tmp_path / "run" / stage).exists()
+    rerun = run_llmctl(args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from" in rerun.stderr
+    assert manifest(tmp_path / "run" / stage)["metrics"]["global_step"] == 24
