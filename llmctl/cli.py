@@ -166,7 +166,7 @@ def data_show(path: str = typer.Argument(...), limit: int = typer.Option(10, "--
               columns: Optional[str] = typer.Option(None, help="Comma-separated columns."),
               debug: bool = DebugOpt):
     """Print the first rows of a dataset as a table."""
-    from llmctl.data import column_names, open_dataset
+    from llmctl.data import open_dataset
 
     ds = open_dataset(path, "path")
     _print_rows(ds, limit, columns.split(",") if columns else None, f"{path} ({len(ds)} rows)")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 from llmctl import quantization
 from llmctl.data import token_blocks
@@ -174,8 +174,8 @@ def main() -> None:
     good = quality(args)
 
     print()
-    print(f"| variant | greedy s | speed-up | 4-beam s | speed-up | tok/s b1 | roofline tok/s "
-          f"| of roofline | demo perplexity loss | demo acc loss |")
+    print("| variant | greedy s | speed-up | 4-beam s | speed-up | tok/s b1 | roofline tok/s "
+          "| of roofline | demo perplexity loss | demo acc loss |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in args.variants:
         s, q = fast[v], good[v]

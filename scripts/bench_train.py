@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, OPTConfig, get_cosine_schedule_wi
 
 from llmctl.data import Template, TokenBlocks, open_split
 from llmctl.demo.assets import build_assets
-from llmctl.models import count_params, load_tokenizer
+from llmctl.models import load_tokenizer
 from llmctl.pipeline import run_stage
 from llmctl.recipe import DataSource, load_recipe
 

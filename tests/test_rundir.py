@@ -1,6 +1,5 @@
 """Run directory lifecycle: only finished stages look finished; reruns never damage outputs."""
 
-import json
 
 import pytest
 

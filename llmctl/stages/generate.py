@@ -19,7 +19,7 @@ from transformers import GenerationConfig, set_seed
 from llmctl.data import Template
 from llmctl.errors import UserError
 from llmctl.models import device, load_causal_lm, load_tokenizer
-from llmctl.progress import console, stage_header
+from llmctl.progress import stage_header
 from llmctl.recipe import GenerateConfig, Recipe
 from llmctl.rundir import StageRun, require_input
 

@@ -101,13 +101,15 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                           f"lower ppo.lr or raise ppo.kl_coef")
 
     # -- save -------------------------------------------------------------------------------
-    save_model(policy_model, tokenizer, stage.path("adapter"))
     outputs = {"adapter": "adapter", "loss_curve": "reward_curve.png"}
     if cfg.merge:
-        save_model(policy_model.merge_and_unload(), tokenizer, stage.path("model"))
         outputs["model"] = "model"
-    save_loss_curve([{"step": h["step"], "loss": h["objective/scores"]} for h in logs],
-                    stage.path("reward_curve.png"), "ppo: mean reward per batch")
+    if stage.is_main_process:  # under several processes, rank 0 writes
+        save_model(policy_model, tokenizer, stage.path("adapter"))
+        if cfg.merge:
+            save_model(policy_model.merge_and_unload(), tokenizer, stage.path("model"))
+        save_loss_curve([{"step": h["step"], "loss": h["objective/scores"]} for h in logs],
+                        stage.path("reward_curve.png"), "ppo: mean reward per batch")
     metrics = {
         "reward_mean_first": float(logs[0]["objective/scores"]),
         "reward_mean_last": float(logs[-1]["objective/scores"]),
