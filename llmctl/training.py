@@ -176,3 +176,9 @@ def eval_cap(cfg: TrainConfig) -> int | None:
     if not cfg.eval_max_batches:
         return None
     return cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) * distributed.world_size()
+
+
+def schedule_metrics(trainer: Trainer) -> dict[str, float]:
+    """The learning-rate schedule as it ran: peak and last logged rate."""
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    return {"learning_rate_peak": max(rates), "learning_rate_last": rates[-1]} if rates else {}

@@ -22,7 +22,7 @@ from llmctl.progress import console, stage_header
 from llmctl.recipe import DpoConfig, Recipe
 from llmctl.rundir import StageRun, require_input
 from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
-    show_progress, train, training_args
+    schedule_metrics, show_progress, train, training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -76,7 +76,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "train_loss_last": last,
         "trainable_params": count_params(trainer.model, trainable_only=True),
         "global_step": trainer.state.global_step,
-        **batch_metrics(cfg),
+        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     stage.finish(metrics, {output: output, **logs})
     return metrics

@@ -19,8 +19,8 @@ from llmctl.models import build_causal_lm, count_params, human_count, load_causa
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, save_trained, \
-    save_training_log, show_progress, train, training_args
+from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, \
+    save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -90,7 +90,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "tokens_per_second": tokens_per_step * max(steps_run, 1) / result.metrics["train_runtime"],
         "global_step": trainer.state.global_step,
         "train_tokens": tokens_per_step * trainer.state.global_step,
-        **batch_metrics(cfg),
+        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if meter.steps_per_second():
         metrics["tokens_per_second_steady"] = tokens_per_step * meter.steps_per_second()

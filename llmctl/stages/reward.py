@@ -24,7 +24,7 @@ from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, RewardConfig
 from llmctl.rundir import StageRun, require_input
 from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
-    show_progress, train, training_args
+    schedule_metrics, show_progress, train, training_args
 
 EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
 
@@ -86,7 +86,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {"eval_accuracy": accuracy, "eval_reward_margin": margin, "eval_loss": eval_loss,
                "eval_pairs": len(eval_rows), "train_loss_first": first, "train_loss_last": last,
-               "num_params": count_params(trained), "global_step": trainer.state.global_step, **batch_metrics(cfg)}
+               "num_params": count_params(trained), "global_step": trainer.state.global_step, **batch_metrics(cfg), **schedule_metrics(trainer)}
     assert all(math.isfinite(v) for v in metrics.values())
     stage.finish(metrics, {"model": "model", **logs})
     return metrics

@@ -22,8 +22,8 @@ from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_con
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import batch_metrics, eval_cap, loss_first_last, save_trained, save_training_log, \
-    show_progress, train, training_args
+from llmctl.training import batch_metrics, eval_cap, loss_first_last, save_trained, \
+    save_training_log, schedule_metrics, show_progress, train, training_args
 
 EVAL_TASK_ROWS = 200  # rows scored for eval_task_accuracy_before/after
 
@@ -101,7 +101,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss),
         "global_step": trainer.state.global_step,
-        **batch_metrics(cfg),
+        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if labels:
         metrics["eval_task_accuracy_before"] = accuracy_before
