@@ -129,7 +129,9 @@ def deepspeed_config(cfg: DistributedConfig) -> dict[str, Any]:
 
 def stage_argv(recipe, stage: str) -> list[str]:
     """``llmctl STAGE RECIPE --set ...``: the command line that reproduces this stage run."""
-    return [stage, recipe.source, *[a for item in recipe.overrides for a in ("--set", item)]]
+    debug = ["--debug"] if "--debug" in sys.argv else []
+    return [stage, recipe.source, *[a for item in recipe.overrides for a in ("--set", item)],
+            *debug]
 
 
 def describe(recipe, stage: str) -> dict[str, Any]:

@@ -7,19 +7,23 @@ token ids to the reward model, which is only right when both share a tokenizer; 
 model with its own vocabulary (the course's OPT policy + DeBERTa reward) llmctl hands trl a
 `TextReward` that decodes the policy's query+response to text and re-tokenizes it for the
 reward model. Then: score held-out prompts before -> train -> score after -> save the adapter
-(and, with ``merge = true``, a merged standalone model).
+(and, with ``merge = true``, a merged standalone model). Checkpoints every ``save_steps``
+batches let a killed run resume, which trl's own loop cannot (see ``resumable``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, TrainerCallback, set_seed
 
+from llmctl import distributed
 from llmctl.data import Template, open_split
 from llmctl.errors import StageFailed
 from llmctl.evaluation import reward_scores
@@ -72,7 +76,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         output_dir=str(stage.checkpoint_dir), seed=recipe.run.seed, run_name=f"{recipe.run.name}-ppo",
         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
         gradient_accumulation_steps=cfg.grad_accum, num_mini_batches=cfg.mini_batches,
-        num_ppo_epochs=cfg.ppo_epochs, total_episodes=cfg.steps * cfg.batch_size,
+        num_ppo_epochs=cfg.ppo_epochs,
+        total_episodes=cfg.steps * cfg.batch_size * distributed.world_size(),  # batch_size per process
         response_length=cfg.response_length, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
         kl_estimator=cfg.kl_estimator, cliprange=cfg.cliprange, vf_coef=cfg.vf_coef,
         missing_eos_penalty=cfg.missing_eos_penalty, stop_token="eos",
@@ -81,16 +86,20 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
         report_to=[] if cfg.report_to == "none" else [cfg.report_to], disable_tqdm=True,
     )
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
-                         reward_model=trl_reward, value_model=value_model, train_dataset=train_ds,
-                         peft_config=lora_config(cfg.lora, policy, "ppo.lora"))
+    trainer = resumable(PPOTrainer)(
+        args=args, processing_class=tokenizer, model=policy, ref_model=None,
+        reward_model=trl_reward, value_model=value_model, train_dataset=train_ds,
+        peft_config=lora_config(cfg.lora, policy, "ppo.lora"))
     show_progress(trainer, "ppo")
     if cfg.kl_target is not None:
         trainer.add_callback(AdaptiveKL(cfg.kl_target, cfg.kl_horizon, cfg.batch_size))
 
     # -- train ------------------------------------------------------------------------------
-    trainer.train()  # trl's PPO loop has no resume: an interrupted run restarts from step 0
-    policy_model = trainer.model.policy
+    checkpoint = stage.last_checkpoint()
+    if checkpoint:
+        console.print(f"  resuming from {checkpoint}")
+    trainer.train_from(checkpoint)
+    policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
     reward_after = mean_reward(policy_model, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
     logs = [h for h in trainer.state.log_history if "objective/scores" in h]
     kl_last = float(logs[-1]["objective/kl"])
@@ -101,7 +110,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                           f"lower ppo.lr or raise ppo.kl_coef")
 
     # -- save -------------------------------------------------------------------------------
-    outputs = {"adapter": "adapter", "loss_curve": "reward_curve.png"}
+    outputs = {"adapter": "adapter", "loss_curve": "reward_curve.png",
+               "log_history": "log_history.json"}
     if cfg.merge:
         outputs["model"] = "model"
     if stage.is_main_process:  # under several processes, rank 0 writes
@@ -110,6 +120,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             save_model(policy_model.merge_and_unload(), tokenizer, stage.path("model"))
         save_loss_curve([{"step": h["step"], "loss": h["objective/scores"]} for h in logs],
                         stage.path("reward_curve.png"), "ppo: mean reward per batch")
+        stage.path("log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     metrics = {
         "reward_mean_first": float(logs[0]["objective/scores"]),
         "reward_mean_last": float(logs[-1]["objective/scores"]),
@@ -120,6 +131,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "policy_loss_last": float(logs[-1]["loss/policy_avg"]),
         "value_loss_last": float(logs[-1]["loss/value_avg"]),
         "global_step": trainer.state.global_step,
+        "world_size": distributed.world_size(),
+        "effective_batch_size": cfg.batch_size * distributed.world_size(),
     }
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     stage.finish(metrics, outputs, extra={"reward_tokenizer_shared": shared})
@@ -169,6 +182,105 @@ class _ScoreDecodedText(nn.Module):
                               device=input_ids.device)
         hidden = scores[:, None, None].expand(input_ids.shape[0], input_ids.shape[1], 1)
         return SimpleNamespace(hidden_states=(hidden,))
+
+
+def resumable(trainer_cls):
+    """trl's PPOTrainer plus resume, which trl's PPO loop lacks.
+
+    A checkpoint (every ``save_steps`` batches) holds what the Trainer saves (the policy's
+    adapter, optimizer, scheduler, RNG, log history) plus the value model and the adaptive KL
+    coefficient. ``train_from(checkpoint)`` restores all of it, skips the prompt batches already
+    used, and runs the remaining updates, so a resumed run sees the same data, learning rate
+    and step count as an uninterrupted one.
+    """
+
+    class ResumablePPOTrainer(trainer_cls):
+        # A resumed loop counts from zero: checkpoints carry the whole run's step and history.
+        _done, _history = 0, []
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not hasattr(self.model, "policy"):
+                # Under DDP self.model is the wrapper, and trl 1.12 reads self.model.policy in
+                # its loop (the reference forward pass with the adapter off): expose the policy
+                # without registering it as a second submodule.
+                object.__setattr__(self.model, "policy",
+                                   self.accelerator.unwrap_model(self.model).policy)
+
+        def create_model_card(self, *args, **kwargs):
+            pass  # a hub README in every checkpoint; it also reads self.model.config (not under DDP)
+
+        def _save_checkpoint(self, model, trial):
+            current = self.state.log_history
+            self.state.global_step += self._done
+            self.state.log_history = self._history + [
+                {**h, "step": h.get("step", 0) + self._done} for h in current]
+            try:  # ours first: the Trainer's trainer_state.json is what marks a checkpoint usable
+                self._save_ppo_state()
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.state.global_step -= self._done
+                self.state.log_history = current
+
+        def _save_ppo_state(self):
+            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if self.is_world_process_zero():
+                ckpt.mkdir(parents=True, exist_ok=True)
+                value_model = self.accelerator.unwrap_model(self.model).value_model
+                save_file({k: v.detach().cpu().contiguous()
+                           for k, v in value_model.state_dict().items()},
+                          str(ckpt / "value_model.safetensors"))
+                (ckpt / "ppo_state.json").write_text(json.dumps(
+                    {"kl_coef": self.args.kl_coef, "updates": self.state.global_step,
+                     "episode": self.state.episode}))
+
+        def train_from(self, checkpoint: str | None):
+            if not checkpoint:
+                return self.train()
+            from peft import set_peft_model_state_dict
+
+            ckpt = Path(checkpoint)
+            state = json.loads((ckpt / "ppo_state.json").read_text())
+            done = state["updates"]
+            wrapper = self.accelerator.unwrap_model(self.model)
+            set_peft_model_state_dict(wrapper.policy, load_file(str(ckpt / "adapter_model.safetensors")))
+            wrapper.value_model.load_state_dict(load_file(str(ckpt / "value_model.safetensors")))
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            self._load_rng_state(str(ckpt))
+            self.args.kl_coef = state["kl_coef"]
+            self._done = done
+            self._history = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+            self.dataloader = _SkipFirst(self.dataloader, done)
+            total = self.args.num_total_batches
+            self.args.num_total_batches = total - done
+            try:
+                output = self.train()
+            finally:
+                self.args.num_total_batches = total
+            self.state.log_history = self._history + [
+                {**h, "step": h.get("step", 0) + done} for h in self.state.log_history]
+            self.state.global_step += done
+            return output
+
+    return ResumablePPOTrainer
+
+
+class _SkipFirst:
+    """A dataloader whose first pass starts ``n`` batches in (later passes are whole)."""
+
+    def __init__(self, dataloader, n: int):
+        self.dataloader, self.n = dataloader, n
+
+    def __iter__(self):
+        it = iter(self.dataloader)
+        for _ in range(self.n % max(len(self.dataloader), 1)):
+            next(it)
+        self.n = 0
+        return it
+
+    def __len__(self):
+        return len(self.dataloader)
 
 
 class AdaptiveKL(TrainerCallback):

@@ -2,6 +2,7 @@
 same-tokenizer and a different-tokenizer reward model (rewards equal the reward model's score
 of the decoded text), DPO, and the errors."""
 
+import json
 
 import pytest
 import torch
@@ -186,25 +187,23 @@ def test_ppo_without_reward_stage_is_exit_2(tmp_path, assets, pretrained_model, 
     assert not (tmp_path / "run" / "ppo").exists()
 
 
-def test_killed_ppo_restarts_cleanly(reward_run, tmp_path):
-    """SIGKILL during PPO leaves no finished-looking stage; the same command then completes."""
-    import time
-
+def test_killed_ppo_resumes_to_the_same_step(reward_run, tmp_path):
+    """SIGKILL during PPO leaves no finished-looking stage; the same command resumes from the
+    last checkpoint (policy adapter, value model, optimizer, KL coefficient) and completes."""
     args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "ppo.steps=6",
+            "--set", "ppo.save_steps=2",
             "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\""]
-    partial = tmp_path / "run" / ".partial" / "ppo"
-    started = []
-
-    def well_into_training():  # a second after the stage opened its work directory
-        if partial.exists() and not started:
-            started.append(time.time())
-        return bool(started) and time.time() - started[0] > 1.0
-
-    kill_when(args, well_into_training)
+    ckpts = tmp_path / "run" / ".partial" / "ppo" / "checkpoints"
+    kill_when(args, lambda: (ckpts / "checkpoint-2" / "trainer_state.json").exists())
     assert not (tmp_path / "run" / "ppo").exists()
     rerun = run_llmctl(args)
-    assert rerun.returncode == 0, rerun.stderr
-    assert manifest(tmp_path / "run" / "ppo")["metrics"]["global_step"] == 6
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+    m = manifest(tmp_path / "run" / "ppo")
+    assert m["metrics"]["global_step"] == 6
+    steps = [h["step"] for h in json.loads((tmp_path / "run" / "ppo" / "log_history.json")
+                                           .read_text()) if "objective/scores" in h]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) >= 5
 
 
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
@@ -236,3 +235,16 @@ def test_trainer_stage_runs_in_two_processes(reward_run, tmp_path, stage):
     assert m["metrics"]["world_size"] == 2 and m["metrics"]["effective_batch_size"] == 8
     assert m["metrics"]["global_step"] == 4
     assert not (tmp_path / "run" / ".partial" / stage).exists()
+
+
+def test_ppo_runs_in_two_processes(reward_run, tmp_path):
+    """trl's PPO under DDP (2 processes, gloo), with the cross-tokenizer reward."""
+    args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "distributed.strategy=\"ddp\"",
+            "--set", "distributed.num_processes=2", "--set", "ppo.steps=2",
+            "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\""]
+    done = run_llmctl(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = manifest(tmp_path / "run" / "ppo")
+    assert m["metrics"]["global_step"] == 2 and m["reward_tokenizer_shared"] is False
+    assert (tmp_path / "run" / "ppo" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / ".partial" / "ppo").exists()
