@@ -223,20 +223,6 @@ def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, sta
     assert manifest(tmp_path / "run" / stage)["metrics"]["global_step"] == 24
 
 
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
-def test_trainer_stage_runs_in_two_processes(reward_run, tmp_path, stage):
-    """The same recipe under DDP (2 processes, gloo): rank 0 publishes one finished stage."""
-    args = [stage, reward_run, "--run-dir", tmp_path / "run", "--set", "distributed.strategy=\"ddp\"",
-            "--set", "distributed.num_processes=2", "--set", f"{stage}.max_steps=4",
-            "--set", f"{stage}.batch_size=4"]
-    done = run_llmctl(args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    m = manifest(tmp_path / "run" / stage)
-    assert m["metrics"]["world_size"] == 2 and m["metrics"]["effective_batch_size"] == 8
-    assert m["metrics"]["global_step"] == 4
-    assert not (tmp_path / "run" / ".partial" / stage).exists()
-
-
 def test_ppo_runs_in_two_processes(reward_run, tmp_path):
     """trl's PPO under DDP (2 processes, gloo), with the cross-tokenizer reward."""
     args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "distributed.strategy=\"ddp\"",
