@@ -42,6 +42,12 @@ def is_launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def init() -> None:
     """Join the process group now, when launched, so stages can synchronise before training
     (the Trainer would otherwise join only when its arguments are built)."""

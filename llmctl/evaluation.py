@@ -59,7 +59,7 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     for i, s in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    device = next(model.parameters()).device
+    device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     scores = []
@@ -100,7 +100,7 @@ def reward_scores(model, tokenizer, texts: list[str], max_length: int = 512,
     """The scalar a one-label sequence classifier gives each text, with its own tokenizer."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     drop_token_types = not accepts_argument(model, "token_type_ids")
     scores: list[float] = []
     with autocast_for(model):

@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llmctl import distributed
 from llmctl.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -27,13 +28,6 @@ TRACKED_PACKAGES = (
     "llmctl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deeplake",
     "tokenizers", "lm-eval", "neural-compressor", "optimum-intel", "openvino", "bitsandbytes",
 )
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def now_iso() -> str:
@@ -96,7 +90,7 @@ class StageRun:
     inputs: dict[str, str] = field(default_factory=dict)
     started_at: str = field(default_factory=now_iso)
     # Under torchrun / accelerate launch only rank 0 writes; the others train and return.
-    is_main_process: bool = field(default_factory=lambda: int(os.environ.get("RANK", "0")) == 0)
+    is_main_process: bool = field(default_factory=distributed.is_main_process)
 
     def __post_init__(self) -> None:
         self.tracking: dict[str, str] = {}  # tracker and run name, when a Trainer logs to one
@@ -119,7 +113,7 @@ class StageRun:
         if self.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             stamp.write_text(self.config_hash)
-        _barrier()  # every rank sees the same work directory (and checkpoints) from here on
+        distributed.barrier()  # every rank sees the same work directory (and checkpoints) from here on
         return self
 
     def last_checkpoint(self) -> str | None:
