@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from datetime import datetime
+from pathlib import Path
 from typing import Callable
 
 from llmctl import distributed
@@ -28,10 +30,33 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
 
 
 def is_up_to_date(recipe: Recipe, stage: str) -> bool:
-    """Finished, and by the same resolved config and inputs as the recipe asks for now."""
+    """Finished, by the same resolved config and inputs as the recipe asks for now, and after
+    the stages of this run it reads from last finished (`llmctl ppo` rerun by hand makes the
+    quantize that read the old policy stale)."""
     manifest = read_manifest(recipe.run_dir / stage)
-    return bool(manifest) and manifest.get("status") == "complete" \
-        and manifest.get("config_hash") == recipe.stage_hash(stage)
+    if not (manifest and manifest.get("status") == "complete"
+            and manifest.get("config_hash") == recipe.stage_hash(stage)):
+        return False
+    started = datetime.fromisoformat(manifest["started_at"])
+    for upstream in _upstream_stages(recipe, manifest.get("inputs", {})):
+        finished = (read_manifest(recipe.run_dir / upstream) or {}).get("finished_at")
+        if finished and datetime.fromisoformat(finished) > started:
+            return False
+    return True
+
+
+def _upstream_stages(recipe: Recipe, inputs: dict) -> set[str]:
+    """The stages of this run directory whose outputs a manifest's inputs point into."""
+    run_dir = recipe.run_dir.resolve()
+    stages = set()
+    for path in inputs.values():
+        if isinstance(path, str):
+            parts = Path(path).resolve().parts
+            if parts[:len(run_dir.parts)] == run_dir.parts and len(parts) > len(run_dir.parts):
+                stage = parts[len(run_dir.parts)]
+                if stage in PIPELINE:
+                    stages.add(stage)
+    return stages
 
 
 def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None) -> dict[str, str]:

@@ -173,7 +173,7 @@ class PpoConfig(Section):
     missing_eos_penalty: float | None = None
     reward_batch_size: int = 16
     reward_max_length: int = 400
-    eval_prompts: int = 32  # held-out prompts scored before and after PPO
+    eval_prompts: int = Field(32, ge=1)  # held-out prompts scored before and after PPO
     max_kl: float | None = None  # fail the stage if the final KL to the reference exceeds this
     precision: Precision = "auto"
     save_steps: int = 50

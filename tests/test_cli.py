@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 
 from tests.conftest import manifest, run_cli
@@ -79,6 +80,12 @@ def test_run_skips_up_to_date_stages(tiny_recipe, tmp_path, capsys):
     assert code == 0 and err.count("up to date, skipped") == 2
     assert manifest(tmp_path / "run" / "pretrain")["finished_at"] == first
     # a changed generate setting reruns generate only
+    code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
+    assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
+    # a stage rerun by hand makes the stages that read its output stale
+    time.sleep(1)  # manifests stamp whole seconds
+    code, _, err = run_cli(["pretrain", recipe], capsys)
+    assert code == 0, err
     code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
     assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
 

@@ -28,11 +28,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert reward["eval_accuracy"] > 0.6  # chosen above rejected on held-out pairs (chance 0.5)
     ppo = manifest(run_dir / "ppo")
     assert ppo["reward_tokenizer_shared"] is False  # the cross-tokenizer path
-    # PPO's held-out reward change at this scale is within run-to-run noise (see README), so the
-    # test checks what holds every time: the numbers are measured and the KL stays bounded.
-    for key in ("reward_mean_before", "reward_mean_after", "reward_mean_first", "reward_mean_last"):
-        assert -10 < ppo["metrics"][key] < 10
-    assert abs(ppo["metrics"]["kl_last"]) <= ppo["recipe"]["max_kl"]
+    # the RLHF evidence: after PPO the reward model scores the policy's sampled responses to
+    # held-out prompts higher (600 responses drawn with the same seed before and after; the gain
+    # in our runs is 1.5-2.5, the sampling error about 0.15), with the KL within the bound
+    metrics = ppo["metrics"]
+    assert metrics["reward_mean_after"] > metrics["reward_mean_before"] + 0.5, metrics
+    assert abs(metrics["kl_last"]) <= ppo["recipe"]["max_kl"]
     quantize = manifest(run_dir / "quantize")["metrics"]
     assert quantize["accepted"] == 1 and quantize["relative_loss"] <= quantize["tolerable_loss"]
     assert quantize["size_bytes_after"] < 0.7 * quantize["size_bytes_before"]

@@ -34,7 +34,7 @@ from typing import NamedTuple
 from llmctl.data import Template, write_dataset
 
 # Bump when the contents change, so that directories built by an older version are rebuilt.
-ASSETS_VERSION = 4
+ASSETS_VERSION = 5
 MANIFEST = "ASSETS.json"
 
 # name -> path under dest/
@@ -422,14 +422,32 @@ def newswire(rng: random.Random, held_out: list[dict[str, str]]) -> list[str]:
 def sentiment_preference_records(rng: random.Random, rows: list[dict[str, str]]
                                  ) -> list[dict[str, str]]:
     """Preference pairs on the SFT task itself: the prompt as the sentiment template renders it,
-    the right label chosen over a wrong one. A reward model trained on these scores what the
-    SFT policy actually writes, so PPO has a signal to climb (the RLHF part of the demo)."""
+    the right label chosen over a worse response. A reward model trained on these scores what
+    the SFT policy actually writes, so PPO has a signal to climb (the RLHF part of the demo).
+
+    Half the rejected responses are a wrong label; the other half are the non-answers a small
+    policy samples at temperature 1 (a word of the news, a piece of a word, a label that rambles
+    on). Trained on wrong labels alone, the reward model never sees such text and scored some of
+    it above the right label, which PPO then learned to write.
+    """
     template = Template.get("sentiment")
     records = []
-    for row in rows:
+    for i, row in enumerate(rows):
         prompt, chosen = template.split(row)
         wrong = rng.choice([lab for lab in SENTIMENT_LABELS if lab != row["output"]])
-        records.append({"prompt": prompt, "chosen": chosen, "rejected": " " + wrong})
+        kind = ("wrong", "echo", "wrong", "fragment", "wrong", "ramble")[i % 6]
+        words = re.findall(r"[A-Za-z]+", row["input"])
+        if kind == "wrong":
+            rejected = " " + wrong
+        elif kind == "echo":  # a word of the news instead of a label
+            rejected = " " + rng.choice(words)
+        elif kind == "fragment":  # a piece of a word, as sampling from a small vocabulary gives
+            word = rng.choice([w for w in words if len(w) > 4] or words)
+            start = rng.randrange(len(word) - 1)
+            rejected = rng.choice(["", " "]) + word[start:start + rng.randint(2, 4)]
+        else:  # a label, then more words: the answer does not end where it should
+            rejected = " " + rng.choice(SENTIMENT_LABELS) + " " + " ".join(rng.sample(words, 2))
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return records
 
 

@@ -25,7 +25,7 @@ SUMMARY_METRICS = {
             "eval_task_accuracy_after"),
     "merge": ("max_abs_logit_diff",),
     "reward": ("eval_accuracy", "eval_reward_margin"),
-    "ppo": ("reward_mean_before", "reward_mean_after", "reward_mean_first", "reward_mean_last",
+    "ppo": ("reward_mean_before", "reward_mean_after", "reward_gain", "reward_gain_sem",
             "kl_last"),
     "dpo": ("eval_rewards_accuracy",),
     "quantize": ("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import mean, stdev
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +69,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     eval_queries = queries(open_split(source, fields, "eval", key).rows(), template)[:cfg.eval_prompts]
     train_ds = tokenize_queries(train_queries, tokenizer, cfg.query_max_length)
 
-    reward_before = mean_reward(policy, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
+    rewards_before = sampled_rewards(policy, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
     stage = StageRun(run_dir, "ppo", recipe.stage_hash("ppo"), recipe.run.seed, cfg.model_dump(),
                      inputs).begin()
     precision = resolve_precision(cfg.precision)
@@ -100,11 +101,15 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         console.print(f"  resuming from {checkpoint}")
     trainer.train_from(checkpoint)
     policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
-    reward_after = mean_reward(policy_model, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
+    rewards_after = sampled_rewards(policy_model, tokenizer, eval_queries, text_reward, cfg,
+                                    recipe.run.seed)
+    reward_before, reward_after = mean(rewards_before), mean(rewards_after)
+    gain_sem = paired_sem(rewards_before, rewards_after)
     logs = [h for h in trainer.state.log_history if "objective/scores" in h]
     kl_last = float(logs[-1]["objective/kl"])
     console.print(f"  held-out prompts: mean reward {reward_before:.3f} before -> "
-                  f"{reward_after:.3f} after; KL to the reference {kl_last:.3f}")
+                  f"{reward_after:.3f} after (gain {reward_after - reward_before:+.3f} "
+                  f"± {gain_sem:.3f}); KL to the reference {kl_last:.3f}")
     if cfg.max_kl is not None and kl_last > cfg.max_kl:
         raise StageFailed(f"ppo: final KL {kl_last:.3f} exceeds ppo.max_kl {cfg.max_kl}; "
                           f"lower ppo.lr or raise ppo.kl_coef")
@@ -128,6 +133,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "kl_coef_last": float(trainer.args.kl_coef),
         "reward_mean_before": reward_before,
         "reward_mean_after": reward_after,
+        "reward_gain": reward_after - reward_before,
+        "reward_gain_sem": gain_sem,
         "policy_loss_last": float(logs[-1]["loss/policy_avg"]),
         "value_loss_last": float(logs[-1]["loss/value_avg"]),
         "global_step": trainer.state.global_step,
@@ -307,10 +314,11 @@ def tokenize_queries(texts: list[str], tokenizer, max_length: int):
 
 
 @torch.inference_mode()
-def mean_reward(policy, tokenizer, prompts: list[str], reward: TextReward, cfg: PpoConfig,
-                seed: int, samples: int = 4) -> float:
-    """Mean reward of responses to held-out prompts, sampled as PPO samples them (temperature,
-    no top-k/top-p), several per prompt, from a fixed seed: the quantity PPO maximises."""
+def sampled_rewards(policy, tokenizer, prompts: list[str], reward: TextReward, cfg: PpoConfig,
+                    seed: int, samples: int = 4) -> list[float]:
+    """Rewards of responses to held-out prompts, sampled as PPO samples them (temperature, no
+    top-k/top-p), several per prompt, from a fixed seed: the quantity PPO maximises. The same
+    seed before and after training pairs the draws, which makes the gain's error small."""
     policy.eval()
     torch.manual_seed(seed)
     gen = GenerationConfig(max_new_tokens=cfg.response_length, do_sample=True, top_k=0, top_p=1.0,
@@ -322,4 +330,11 @@ def mean_reward(policy, tokenizer, prompts: list[str], reward: TextReward, cfg: 
                           max_length=cfg.query_max_length, return_token_type_ids=False).to(device())
         out = policy.generate(**batch, generation_config=gen)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-    return sum(reward.score_texts(texts)) / len(texts)
+    return reward.score_texts(texts)
+
+
+def paired_sem(before: list[float], after: list[float]) -> float:
+    """Standard error of mean(after) - mean(before) over paired draws (same prompt, same slot)."""
+    if len(before) < 2:
+        return float("nan")
+    return stdev(a - b for a, b in zip(after, before)) / math.sqrt(len(before))

@@ -142,6 +142,10 @@ def test_ppo_with_a_different_tokenizer(reward_run, capsys):
     for key in ("reward_mean_first", "reward_mean_last", "kl_last", "reward_mean_before",
                 "reward_mean_after"):
         assert isinstance(m["metrics"][key], float)
+    metrics = m["metrics"]
+    assert metrics["reward_gain"] == pytest.approx(metrics["reward_mean_after"]
+                                                   - metrics["reward_mean_before"])
+    assert 0 <= metrics["reward_gain_sem"] < 10  # 0 when two steps leave every draw as it was
     ppo_dir = reward_run.parent / "run" / "ppo"
     assert (ppo_dir / "adapter" / "adapter_config.json").exists()
     assert (ppo_dir / "model" / "model.safetensors").exists()
@@ -164,6 +168,26 @@ def test_ppo_with_the_policy_tokenizer(reward_run, tmp_path, capsys, pretrained_
                             "--set", f"ppo.reward_model=\"{reward_dir}\""], capsys)
     assert code == 0, err
     assert manifest(tmp_path / "run" / "ppo")["reward_tokenizer_shared"] is True
+
+
+def test_adaptive_kl_steers_the_coefficient_towards_the_target():
+    """Ziegler et al.: kl_coef grows while the KL is above target, shrinks below, by at most
+    20% of batch/horizon per log."""
+    from types import SimpleNamespace
+
+    from llmctl.stages.ppo import AdaptiveKL
+
+    controller = AdaptiveKL(target=0.1, horizon=100, batch_size=10)
+    args = SimpleNamespace(kl_coef=0.2)
+    controller.on_log(args, None, None, logs={"objective/kl": 0.11})  # 10% over target
+    assert args.kl_coef == pytest.approx(0.2 * (1 + 0.1 * 10 / 100))
+    controller.on_log(args, None, None, logs={"objective/kl": 5.0})  # far over: clipped at +20%
+    assert args.kl_coef == pytest.approx(0.2 * 1.01 * 1.02)
+    before = args.kl_coef
+    controller.on_log(args, None, None, logs={"objective/kl": 0.0})  # below: clipped at -20%
+    assert args.kl_coef == pytest.approx(before * 0.98)
+    controller.on_log(args, None, None, logs={"loss": 1.0})  # not a PPO log: unchanged
+    assert args.kl_coef == pytest.approx(before * 0.98)
 
 
 def test_dpo_runs(reward_run, capsys):
