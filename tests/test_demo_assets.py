@@ -29,7 +29,7 @@ DATASET_COLUMNS = {
 }
 ROWS = {"qa_train": 600, "qa_eval": 100, "sentiment_train": 600, "sentiment_eval": 150,
         "prefs_train": 500, "prefs_eval": 100, "prompts_train": 200, "prompts_eval": 50,
-        "sentiment_prefs_train": 600, "sentiment_prefs_eval": 150}
+        "sentiment_prefs_train": 1200, "sentiment_prefs_eval": 300}
 
 
 @pytest.fixture(scope="session")
@@ -216,12 +216,34 @@ def test_reward_tokenizer_differs_from_the_policy_tokenizer(assets):
     assert ids[0] == reward.cls_token_id and ids[-1] == reward.sep_token_id
 
 
+def test_reward_tokenizer_is_the_same_every_time(tmp_path):
+    """The reward model's vocabulary must not vary from build to build (the tokenizers
+    trainer's did, through hash-map tie-breaking, and the reward model's accuracy with it)."""
+    from llmctl.demo.assets import train_wordpiece_tokenizer
+
+    words = ["plunged", "surged", "rose", "fell", "kept", "shares", "profit", "outlook", "cut"]
+    texts = [" ".join(words[i:] + words[:i]) + f" {i}%" for i in range(len(words))] * 2
+    for name in ("first", "second"):
+        train_wordpiece_tokenizer(tmp_path / name, texts)
+    first, second = ((tmp_path / n / "tokenizer.json").read_text() for n in ("first", "second"))
+    assert first == second
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first")
+    assert tokenizer.tokenize("Shares plunged") == ["shares", "plunged"]
+    unseen = tokenizer.tokenize("plunging")  # not a word of the texts: spelled out
+    assert unseen == ["p", "##l", "##u", "##n", "##g", "##i", "##n", "##g"]
+
+
 def test_sentiment_preferences_prefer_the_right_label(assets):
     prefs = column(assets["sentiment_prefs_eval"], "chosen")
     rows = column(assets["sentiment_eval"], "output")
-    assert [c.strip() for c in prefs] == rows
+    assert [c.strip() for c in prefs] == [label for label in rows for _ in range(2)]
     rejected = column(assets["sentiment_prefs_eval"], "rejected")
     assert all(c != r for c, r in zip(prefs, rejected))
+    # each row: the right label over a wrong one, and over a non-answer a policy samples
+    labels = sum(r.strip() in SENTIMENT_LABELS for r in rejected)
+    assert labels == len(rejected) // 2
 
 
 def test_newswire_in_corpus_leaves_eval_headlines_out(assets):
