@@ -64,11 +64,32 @@ def check_supported(backend: str, method: str, bits: int) -> None:
             raise UserError("quantize.backend: \"bnb\" needs bitsandbytes: "
                             "pip install 'llmctl[cuda]'") from None
     if backend == "openvino":
+        decline_openvino_telemetry()
         try:
             import optimum.intel  # noqa: F401
         except ImportError:
             raise UserError("quantize.backend: \"openvino\" needs optimum-intel: "
                             "pip install 'llmctl[openvino]'") from None
+
+
+def decline_openvino_telemetry() -> None:
+    """Switch off NNCF's and OpenVINO's usage telemetry for this process.
+
+    Without a consent file in the home directory NNCF sends telemetry by default, from a
+    process it forks in a background thread; in a test run that fork landed while Deep Lake
+    worked in the main thread and the interpreter died with a segfault. llmctl declines for
+    its own process, as a "0" in the consent file would, and leaves the user's file alone.
+    """
+    try:
+        from openvino_telemetry import Telemetry
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:
+        return
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+    # Telemetry is a singleton; one made before this call keeps its consent otherwise.
+    made = getattr(Telemetry, "_SingletonMetaClass__single_instance", None)
+    if made is not None:
+        made.consent = False
 
 
 # -- the accuracy-driven search ------------------------------------------------------------
@@ -194,6 +215,7 @@ def _inc_weight_only(model, source_dir, settings, calibration, example_inputs):
 
 
 def _openvino_export(source_dir: str, settings: dict[str, Any]):
+    decline_openvino_telemetry()
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
     weights = OVWeightQuantizationConfig(
@@ -249,6 +271,7 @@ def load(path: str | Path):
 
         return inc_load(str(path), format="huggingface").eval()
     if backend == "openvino":
+        decline_openvino_telemetry()
         try:
             from optimum.intel import OVModelForCausalLM
         except ImportError:

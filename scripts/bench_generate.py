@@ -74,6 +74,7 @@ def build(variant, fp_model, source_dir: str):
     if isinstance(spec, torch.dtype):
         return fp_model if spec == torch.float32 else _copy_to(fp_model, spec)
     if spec["backend"] == "openvino" and spec["bits"] == 16:
+        quantization.decline_openvino_telemetry()
         from optimum.intel import OVModelForCausalLM
 
         return OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)

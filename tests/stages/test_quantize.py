@@ -276,3 +276,17 @@ def test_torch_dynamic_save_load_round_trip(tmp_path, pretrained_model, tokenize
         fp = model(**ids).logits
     assert torch.equal(got, expected)
     assert not torch.equal(fp, expected)  # it is really quantized
+
+
+def test_openvino_telemetry_is_declined():
+    """NNCF would send usage telemetry by default (no consent file), from a forked process."""
+    from openvino_telemetry import Telemetry
+
+    from llmctl.quantization import decline_openvino_telemetry
+
+    decline_openvino_telemetry()
+    import nncf  # noqa: F401  (makes NNCF's telemetry object, as an OpenVINO export does)
+
+    telemetry = Telemetry(app_name="nncf", app_version="0", tid="G-W5E9RNLD4H", backend="ga4",
+                          enable_opt_in_dialog=False, disable_in_ci=True)
+    assert telemetry.consent is False
