@@ -48,15 +48,9 @@ def is_up_to_date(recipe: Recipe, stage: str) -> bool:
 def _upstream_stages(recipe: Recipe, inputs: dict) -> set[str]:
     """The stages of this run directory whose outputs a manifest's inputs point into."""
     run_dir = recipe.run_dir.resolve()
-    stages = set()
-    for path in inputs.values():
-        if isinstance(path, str):
-            parts = Path(path).resolve().parts
-            if parts[:len(run_dir.parts)] == run_dir.parts and len(parts) > len(run_dir.parts):
-                stage = parts[len(run_dir.parts)]
-                if stage in PIPELINE:
-                    stages.add(stage)
-    return stages
+    paths = [Path(p).resolve() for p in inputs.values() if isinstance(p, str)]
+    return {path.relative_to(run_dir).parts[0] for path in paths
+            if path != run_dir and path.is_relative_to(run_dir)} & set(PIPELINE)
 
 
 def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None) -> dict[str, str]:

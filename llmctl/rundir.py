@@ -113,7 +113,7 @@ class StageRun:
         if self.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             stamp.write_text(self.config_hash)
-        distributed.barrier()  # every rank sees the same work directory (and checkpoints) from here on
+        distributed.barrier()  # from here every rank sees the same work dir and checkpoints
         return self
 
     def last_checkpoint(self) -> str | None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from statistics import mean, stdev
 from pathlib import Path
+from statistics import mean, stdev
 from types import SimpleNamespace
 
 import torch
@@ -334,7 +334,6 @@ def sampled_rewards(policy, tokenizer, prompts: list[str], reward: TextReward, c
 
 
 def paired_sem(before: list[float], after: list[float]) -> float:
-    """Standard error of mean(after) - mean(before) over paired draws (same prompt, same slot)."""
-    if len(before) < 2:
-        return float("nan")
+    """Standard error of mean(after) - mean(before) over paired draws (same prompt, same slot);
+    at least 4 draws, since eval_prompts >= 1 and each prompt gets 4 samples."""
     return stdev(a - b for a, b in zip(after, before)) / math.sqrt(len(before))

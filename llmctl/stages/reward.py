@@ -86,7 +86,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {"eval_accuracy": accuracy, "eval_reward_margin": margin, "eval_loss": eval_loss,
                "eval_pairs": len(eval_rows), "train_loss_first": first, "train_loss_last": last,
-               "num_params": count_params(trained), "global_step": trainer.state.global_step, **batch_metrics(cfg), **schedule_metrics(trainer)}
+               "num_params": count_params(trained), "global_step": trainer.state.global_step,
+               **batch_metrics(cfg), **schedule_metrics(trainer)}
     assert all(math.isfinite(v) for v in metrics.values())
     stage.finish(metrics, {"model": "model", **logs})
     return metrics
