@@ -57,3 +57,17 @@ def test_repo_demo_recipe_matches_embedded_one():
     names = set(re.findall(r"\$\{(\w+)\}", template))
     expected = Template(template).substitute({n: f"runs/demo/assets/{n}" for n in names})
     assert strip(shipped) == strip(expected)
+
+
+def test_rebuilt_assets_make_every_demo_stage_rerun(tmp_path, monkeypatch):
+    """Stage hashes see the assets' paths, not their contents: a rebuild must force the stages."""
+    from llmctl.demo import assets, pipeline
+
+    forced = []
+    monkeypatch.setattr(pipeline, "run_all", lambda recipe, force=False: forced.append(force))
+    monkeypatch.setattr(pipeline, "print_summary", lambda *args: None)
+    pipeline.run_demo(tmp_path)  # fresh: assets built
+    pipeline.run_demo(tmp_path)  # the same assets: finished stages may be skipped
+    monkeypatch.setattr(assets, "ASSETS_VERSION", assets.ASSETS_VERSION + 1)
+    pipeline.run_demo(tmp_path)  # a newer llmctl's assets: rebuilt
+    assert forced == [True, False, True]
