@@ -3,7 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here,
-# while on a GPU box the same pin resolves to the CUDA wheel from PyPI.
+# while on a GPU box the same pin resolves to the CUDA wheel from PyPI. Repeating the pin in
+# the second install stops a dependency from swapping torch for another build behind our back.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,openvino,wandb
 
@@ -15,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $@
 
 demo: install
