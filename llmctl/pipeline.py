@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -30,27 +32,32 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
 
 
 def is_up_to_date(recipe: Recipe, stage: str) -> bool:
-    """Finished, by the same resolved config and inputs as the recipe asks for now, and after
-    the stages of this run it reads from last finished (`llmctl ppo` rerun by hand makes the
-    quantize that read the old policy stale)."""
+    """Finished, by the same resolved config as the recipe asks for now, and nothing it reads
+    changed since it started: an upstream stage rerun by hand (`llmctl ppo` makes the quantize
+    that read the old policy stale), a dataset rewritten in place, a retrained tokenizer. The
+    config hash sees paths, not contents; the files' modification times see the contents."""
     manifest = read_manifest(recipe.run_dir / stage)
     if not (manifest and manifest.get("status") == "complete"
             and manifest.get("config_hash") == recipe.stage_hash(stage)):
         return False
-    started = datetime.fromisoformat(manifest["started_at"])
-    for upstream in _upstream_stages(recipe, manifest.get("inputs", {})):
-        finished = (read_manifest(recipe.run_dir / upstream) or {}).get("finished_at")
-        if finished and datetime.fromisoformat(finished) > started:
-            return False
-    return True
+    # started_at has whole seconds: a file written in the second the stage started counts as
+    # read by it, not as a change.
+    changed_after = datetime.fromisoformat(manifest["started_at"]).timestamp() + 1
+    return not any(newest_mtime(Path(path)) >= changed_after for path in recipe.read_paths(stage))
 
 
-def _upstream_stages(recipe: Recipe, inputs: dict) -> set[str]:
-    """The stages of this run directory whose outputs a manifest's inputs point into."""
-    run_dir = recipe.run_dir.resolve()
-    paths = [Path(p).resolve() for p in inputs.values() if isinstance(p, str)]
-    return {path.relative_to(run_dir).parts[0] for path in paths
-            if path != run_dir and path.is_relative_to(run_dir)} & set(PIPELINE)
+def newest_mtime(path: Path) -> float:
+    """The latest modification time of a local file or of anything under a local directory;
+    0 for hub ids and remote datasets (hub://, al://), which have no local copy to look at."""
+    if not path.exists():
+        return 0.0
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):  # a file removed while we walk
+                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+    return newest
 
 
 def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """CLI contract (GUIDE §2): exit codes 0/1/2, one-line errors, --dry-run, run skipping, data."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,33 @@ def test_run_skips_up_to_date_stages(tiny_recipe, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
     assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
+
+
+def test_run_reruns_stages_whose_data_or_tokenizer_changed_in_place(tiny_recipe, assets, tmp_path,
+                                                                       capsys):
+    """Stage hashes see paths; a dataset or tokenizer rewritten at the same path must not be
+    'up to date'."""
+    import deeplake
+
+    corpus, tokenizer = tmp_path / "corpus", tmp_path / "tokenizer"
+    shutil.copytree(assets["corpus"], corpus)
+    shutil.copytree(assets["tokenizer"], tokenizer)
+    args = ["run", tiny_recipe(), "--set", f"data.corpus.path={corpus}",
+            "--set", f"model.tokenizer={tokenizer}", "--set", "pretrain.max_steps=4"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and err.count("up to date, skipped") == 2
+    time.sleep(1)  # manifests stamp whole seconds
+    ds = deeplake.open(str(corpus))
+    ds.append({"text": ["a row added in place"]})
+    ds.commit("one more row")
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "up to date" not in err  # pretrain reran, and generate read its model
+    time.sleep(1)
+    (tokenizer / "tokenizer_config.json").touch()
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "up to date" not in err  # both read the tokenizer
 
 
 def test_data_ingest_show_query(tmp_path, capsys):

@@ -1,10 +1,14 @@
 """`llmctl demo` end to end on the embedded assets, and recipes/demo.toml staying in step."""
 
+import json
 import re
+import time
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+from llmctl.recipe import load_recipe
 from tests.conftest import manifest, run_cli, run_llmctl
 
 REPO = Path(__file__).parents[1]
@@ -59,15 +63,24 @@ def test_repo_demo_recipe_matches_embedded_one():
     assert strip(shipped) == strip(expected)
 
 
-def test_rebuilt_assets_make_every_demo_stage_rerun(tmp_path, monkeypatch):
-    """Stage hashes see the assets' paths, not their contents: a rebuild must force the stages."""
+def test_rebuilt_assets_make_finished_demo_stages_stale(tmp_path, monkeypatch):
+    """A newer llmctl's assets land at the same paths: the stages that read them must rerun."""
     from llmctl.demo import assets, pipeline
+    from llmctl.pipeline import is_up_to_date
 
-    forced = []
-    monkeypatch.setattr(pipeline, "run_all", lambda recipe, force=False: forced.append(force))
+    stale = []
+    monkeypatch.setattr(pipeline, "run_all",
+                        lambda recipe, force=False: stale.append(not is_up_to_date(recipe, "pretrain")))
     monkeypatch.setattr(pipeline, "print_summary", lambda *args: None)
-    pipeline.run_demo(tmp_path)  # fresh: assets built
-    pipeline.run_demo(tmp_path)  # the same assets: finished stages may be skipped
+    pipeline.run_demo(tmp_path)  # fresh: assets built, nothing finished yet
+    recipe = load_recipe(tmp_path / "recipe.toml", [f"run.dir={json.dumps(str(tmp_path))}"])
+    time.sleep(1)  # manifests stamp whole seconds
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "manifest.json").write_text(json.dumps({  # as if it finished now
+        "status": "complete", "config_hash": recipe.stage_hash("pretrain"),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    pipeline.run_demo(tmp_path)  # the same assets: pretrain may be skipped
+    time.sleep(1)
     monkeypatch.setattr(assets, "ASSETS_VERSION", assets.ASSETS_VERSION + 1)
-    pipeline.run_demo(tmp_path)  # a newer llmctl's assets: rebuilt
-    assert forced == [True, False, True]
+    pipeline.run_demo(tmp_path)  # rebuilt
+    assert stale == [True, False, True]

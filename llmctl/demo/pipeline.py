@@ -11,7 +11,7 @@ from string import Template
 from rich.console import Console
 from rich.table import Table
 
-from llmctl.demo.assets import MANIFEST as ASSETS_MANIFEST, build_assets
+from llmctl.demo.assets import build_assets
 from llmctl.pipeline import run_all
 from llmctl.progress import console
 from llmctl.recipe import load_recipe
@@ -51,21 +51,14 @@ def run_demo(run_dir: Path, force: bool = False) -> dict[str, dict]:
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]llmctl demo[/] building assets in {run_dir / 'assets'}")
-    built_before = _assets_built_at(run_dir)
     recipe_path = write_demo_recipe(run_dir)
     recipe = load_recipe(recipe_path, [f"run.dir={json.dumps(str(run_dir))}"])
-    # Stage hashes see the assets' paths, not their contents: assets rebuilt (a new llmctl
-    # version) make every finished stage of this run directory stale.
-    run_all(recipe, force=force or _assets_built_at(run_dir) != built_before)
+    # Assets rebuilt by a newer llmctl make the finished stages stale: is_up_to_date sees that
+    # the files they read changed.
+    run_all(recipe, force=force)
     summary = {s: (read_manifest(run_dir / s) or {}).get("metrics", {}) for s in recipe.stages()}
     print_summary(summary, time.perf_counter() - t0, run_dir / "generate" / "generations.jsonl")
     return summary
-
-
-def _assets_built_at(run_dir: Path) -> int | None:
-    """When the assets' manifest was last written (None: never), to notice a rebuild."""
-    manifest = run_dir / "assets" / ASSETS_MANIFEST
-    return manifest.stat().st_mtime_ns if manifest.exists() else None
 
 
 def print_summary(summary: dict[str, dict], seconds: float, generations: Path) -> None:
