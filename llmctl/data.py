@@ -306,6 +306,13 @@ def token_blocks(source: DataSource, key: str, split: str, tokenizer, seq_len: i
     return blocks
 
 
+def heldout_blocks(source: DataSource, name: str, tokenizer, cfg) -> list[dict[str, torch.Tensor]]:
+    """The eval-split blocks a quantize or bench table scores perplexity on: ``eval_max_batches``
+    batches of ``eval_batch_size`` blocks of ``seq_len`` tokens (all blocks when unset)."""
+    cap = cfg.eval_max_batches * cfg.eval_batch_size if cfg.eval_max_batches else None
+    return token_blocks(source, f"data.{name}", "eval", tokenizer, cfg.seq_len, cap)
+
+
 # -- ingest / show / query (the `llmctl data` commands) -------------------------------------------
 
 

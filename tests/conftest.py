@@ -29,22 +29,31 @@ def tokenizer(assets):
     return load_tokenizer(assets["tokenizer"])
 
 
+def recipe_head(run_dir, name: str = "tiny", tokenizer: str | None = None, **sources: dict) -> str:
+    """The top every test recipe shares: [run] (seed 0), an optional [model] tokenizer, and one
+    [data.<name>] table per keyword (a dict of its keys)."""
+    text = f'[run]\nname = "{name}"\ndir = "{run_dir}"\nseed = 0\n'
+    if tokenizer:
+        text += f'[model]\ntokenizer = "{tokenizer}"\n'
+    for source, keys in sources.items():
+        text += f"[data.{source}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    return text
+
+
+def corpus_source(assets) -> dict:
+    """The demo corpus, 400 rows, 2% held out: pretraining and perplexity data."""
+    return {"path": assets["corpus"], "eval_fraction": 0.02, "limit": 400}
+
+
+def sentiment_source(assets, **keys) -> dict:
+    """The demo's labelled news headlines with its held-out split."""
+    return {"path": assets["sentiment_train"], "eval_path": assets["sentiment_eval"],
+            "template": "sentiment", **keys}
+
+
 def tiny_recipe_text(assets, run_dir, **tables) -> str:
     """A tiny recipe on the demo assets: pretrain (a few steps) and generate; extend via tables."""
-    text = f"""
-[run]
-name = "tiny"
-dir = "{run_dir}"
-seed = 0
-
-[model]
-tokenizer = "{assets['tokenizer']}"
-
-[data.corpus]
-path = "{assets['corpus']}"
-eval_fraction = 0.02
-limit = 400
-
+    text = recipe_head(run_dir, tokenizer=assets["tokenizer"], corpus=corpus_source(assets)) + f"""
 [pretrain]
 data = "corpus"
 architecture = "opt"

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_OPT, manifest, run_cli, run_llmctl, tiny_recipe_text
+from tests.conftest import (TINY_OPT, manifest, recipe_head, run_cli, run_llmctl, sentiment_source,
+                            tiny_recipe_text)
 
 # No dropout, so one process and two see exactly the same computation.
 NO_DROPOUT = TINY_OPT.replace("init_std = 0.05", "init_std = 0.05, dropout = 0.0, attention_dropout = 0.0")
@@ -51,16 +52,8 @@ def test_ddp_pretrain_matches_one_process(tmp_path, assets, capsys):
 def test_ddp_sft_matches_one_process(tmp_path, assets, pretrained_model, capsys):
     def recipe(name: str, batch_size: int, extra: str = "") -> Path:
         path = tmp_path / f"{name}.toml"
-        path.write_text(f"""
-[run]
-name = "{name}"
-dir = "{tmp_path / name}"
-seed = 0
-[data.sentiment]
-path = "{assets['sentiment_train']}"
-eval_path = "{assets['sentiment_eval']}"
-template = "sentiment"
-limit = 96
+        head = recipe_head(tmp_path / name, name, sentiment=sentiment_source(assets, limit=96))
+        path.write_text(head + f"""
 [sft]
 model = "{pretrained_model}"
 data = "sentiment"

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.table import Table
 from transformers import set_seed
 
-from llmctl.data import token_blocks
+from llmctl.data import heldout_blocks
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
 from llmctl.models import device, is_adapter_dir, load_causal_lm, load_tokenizer
@@ -79,8 +79,7 @@ def bench_model(recipe: Recipe, cfg: BenchConfig, source, path: str) -> dict:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "stderr" not in k)
             console.print(f"    {task}: {shown}")
     if source is not None:
-        cap = cfg.eval_max_batches * cfg.eval_batch_size if cfg.eval_max_batches else None
-        blocks = token_blocks(source, f"data.{cfg.data}", "eval", tokenizer, cfg.seq_len, cap)
+        blocks = heldout_blocks(source, cfg.data, tokenizer, cfg)
         entry["perplexity"] = perplexity(model, blocks, cfg.eval_batch_size)
         console.print(f"    perplexity {entry['perplexity']:.3f} on {len(blocks)} blocks")
     if cfg.latency.runs:

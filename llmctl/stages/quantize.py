@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from llmctl import quantization
-from llmctl.data import token_blocks
+from llmctl.data import heldout_blocks, token_blocks
 from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
@@ -111,8 +111,7 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
             raise UserError(f"{recipe.source}: quantize.data: missing (name the [data.<name>] "
                             f"source whose eval split measures perplexity)")
         source = recipe.data_source("quantize", cfg.data)
-        cap = cfg.eval_max_batches * cfg.eval_batch_size if cfg.eval_max_batches else None
-        blocks = token_blocks(source, f"data.{cfg.data}", "eval", tokenizer, cfg.seq_len, cap)
+        blocks = heldout_blocks(source, cfg.data, tokenizer, cfg)
         return (lambda model: perplexity(model, blocks, cfg.eval_batch_size)), "perplexity", False
 
     check_tasks([cfg.task], cfg.task_path, "quantize.task")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import corpus_source, manifest, recipe_head, run_cli, sentiment_source
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,17 +28,8 @@ def shared_task_index():
 
 
 def bench_recipe(path, run_dir, assets, models, body: str = "") -> None:
-    path.write_text(f"""
-[run]
-name = "bench"
-dir = "{run_dir}"
-seed = 0
-[model]
-tokenizer = "{assets['tokenizer']}"
-[data.sentiment]
-path = "{assets['sentiment_train']}"
-eval_path = "{assets['sentiment_eval']}"
-template = "sentiment"
+    head = recipe_head(run_dir, "bench", assets["tokenizer"], sentiment=sentiment_source(assets))
+    path.write_text(head + f"""
 [bench]
 models = {json.dumps([str(m) for m in models])}
 tasks = ["demo_sentiment"]
@@ -56,17 +47,8 @@ def quantized_run(assets, pretrained_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quantized")
     path = root / "q.toml"
-    path.write_text(f"""
-[run]
-name = "q"
-dir = "{root / 'run'}"
-seed = 0
-[model]
-tokenizer = "{assets['tokenizer']}"
-[data.corpus]
-path = "{assets['corpus']}"
-eval_fraction = 0.02
-limit = 400
+    head = recipe_head(root / "run", "q", assets["tokenizer"], corpus=corpus_source(assets))
+    path.write_text(head + f"""
 [quantize]
 model = "{pretrained_model}"
 backend = "torch"

@@ -4,17 +4,13 @@ import json
 
 import pytest
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import manifest, recipe_head, run_cli
 
 
 @pytest.fixture
 def gen_recipe(tmp_path, assets, pretrained_model):
     path = tmp_path / "gen.toml"
-    path.write_text(f"""
-[run]
-name = "gen"
-dir = "{tmp_path / 'run'}"
-seed = 0
+    path.write_text(recipe_head(tmp_path / "run", "gen") + f"""
 [generate]
 model = "{pretrained_model}"
 max_new_tokens = 6

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import corpus_source, manifest, recipe_head, run_cli
 
 SMALL = "seq_len = 64\neval_max_batches = 2\neval_batch_size = 4"
 METRIC_KEYS = ("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
@@ -18,17 +18,8 @@ METRIC_KEYS = ("size_bytes_before", "size_bytes_after", "metric_before", "metric
 def quantize_recipe(tmp_path, assets, model, body: str, name: str = "q.toml"):
     """A recipe whose [quantize] table quantizes ``model`` with ``body`` (perplexity on the corpus)."""
     path = tmp_path / name
-    path.write_text(f"""
-[run]
-name = "q"
-dir = "{tmp_path / 'run'}"
-seed = 0
-[model]
-tokenizer = "{assets['tokenizer']}"
-[data.corpus]
-path = "{assets['corpus']}"
-eval_fraction = 0.02
-limit = 400
+    head = recipe_head(tmp_path / "run", "q", assets["tokenizer"], corpus=corpus_source(assets))
+    path.write_text(head + f"""
 [quantize]
 model = "{model}"
 data = "corpus"
@@ -92,11 +83,7 @@ def test_backend_quantizes_and_output_generates(tmp_path, assets, pretrained_mod
 
     # The output loads and generates through `llmctl generate`.
     gen = tmp_path / "gen.toml"
-    gen.write_text(f"""
-[run]
-name = "gen"
-dir = "{tmp_path / 'run'}"
-seed = 0
+    gen.write_text(recipe_head(tmp_path / "run", "gen") + f"""
 [generate]
 model = "{stage / 'model'}"
 prompts = ["The function"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import kill_when, manifest, run_cli, run_llmctl
+from tests.conftest import kill_when, manifest, recipe_head, run_cli, run_llmctl
 
 TINY_BERT = ("{ num_hidden_layers = 2, hidden_size = 64, num_attention_heads = 4, "
              "intermediate_size = 128, max_position_embeddings = 256 }")
@@ -15,22 +15,12 @@ TINY_BERT = ("{ num_hidden_layers = 2, hidden_size = 64, num_attention_heads = 4
 
 def rlhf_recipe(tmp_path, assets, policy, extra=""):
     path = tmp_path / "rlhf.toml"
-    path.write_text(f"""
-[run]
-name = "rlhf"
-dir = "{tmp_path / 'run'}"
-seed = 0
-
-[data.prefs]
-path = "{assets['prefs_train']}"
-eval_path = "{assets['prefs_eval']}"
-limit = 200
-
-[data.prompts]
-path = "{assets['prompts_train']}"
-eval_path = "{assets['prompts_eval']}"
-template = "alpaca_prompt"
-limit = 64
+    head = recipe_head(
+        tmp_path / "run", "rlhf",
+        prefs={"path": assets["prefs_train"], "eval_path": assets["prefs_eval"], "limit": 200},
+        prompts={"path": assets["prompts_train"], "eval_path": assets["prompts_eval"],
+                 "template": "alpaca_prompt", "limit": 64})
+    path.write_text(head + f"""
 
 [reward]
 data = "prefs"

@@ -5,23 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_when, manifest, run_cli, run_llmctl
+from tests.conftest import kill_when, manifest, recipe_head, run_cli, run_llmctl, sentiment_source
 
 
 def sft_recipe(tmp_path, assets, pretrained_model, extra=""):
     path = tmp_path / "sft.toml"
-    path.write_text(f"""
-[run]
-name = "sft"
-dir = "{tmp_path / 'run'}"
-seed = 0
-
-[data.sentiment]
-path = "{assets['sentiment_train']}"
-eval_path = "{assets['sentiment_eval']}"
-template = "sentiment"
-limit = 120
-
+    head = recipe_head(tmp_path / "run", "sft", sentiment=sentiment_source(assets, limit=120))
+    path.write_text(head + f"""
 [sft]
 model = "{pretrained_model}"
 data = "sentiment"
