@@ -9,8 +9,10 @@ Backends, chosen by ``quantize.backend``:
   run by PyTorch's fbgemm/oneDNN kernels. This is what INC 2.x's ``approach="dynamic"`` (the
   course's) ran underneath; INC 3.x sends dynamic and static INT8 through a PT2E graph export,
   which cannot drive ``generate()``, so llmctl calls the kernels directly.
-- ``openvino``: optimum-intel export to OpenVINO IR with NNCF weight compression (INT8, or INT4
-  with a group size and a ratio of layers in INT4).
+- ``openvino``: optimum-intel export to OpenVINO IR, then NNCF. ``weight``: weight compression
+  (INT8, or INT4 with a group size and a ratio of layers in INT4). ``static``: full INT8, weights
+  and activations, with activation ranges calibrated on data and SmoothQuant first (the static
+  INT8 and SmoothQuant that neural-compressor 3.x offers only through PT2E).
 - ``bnb``: bitsandbytes 8/4-bit through transformers, CUDA only.
 
 A quantized model directory holds ``quantization.json`` (backend and settings) next to its
@@ -23,8 +25,9 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +36,7 @@ from llmctl.errors import UserError
 
 MARKER = "quantization.json"
 INC_METHODS = ("rtn", "gptq", "awq")
+CALIBRATED_METHODS = ("gptq", "awq", "static")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -47,13 +51,16 @@ def check_supported(backend: str, method: str, bits: int) -> None:
             f"quantize.method: {method!r} is not available with backend \"inc\": neural-compressor "
             f"3.x runs dynamic/static INT8 and SmoothQuant through a PT2E graph export that "
             f"cannot drive generate(); use backend = \"torch\", method = \"dynamic\" (the INT8 "
-            f"kernels INC 2.x used) or backend = \"openvino\", or one of {', '.join(INC_METHODS)}")
+            f"kernels INC 2.x used), backend = \"openvino\", method = \"static\" (static INT8 "
+            f"with SmoothQuant), or one of {', '.join(INC_METHODS)}")
     if backend == "torch" and (method != "dynamic" or bits != 8):
         raise UserError("quantize.method: backend \"torch\" does dynamic INT8 only "
                         "(method = \"dynamic\", bits = 8)")
-    if backend == "openvino" and method != "weight":
+    if backend == "openvino" and method not in ("weight", "static"):
         raise UserError("quantize.method: backend \"openvino\" does weight compression "
-                        "(method = \"weight\", bits = 8 or 4)")
+                        "(method = \"weight\", bits = 8 or 4) or full INT8 (method = \"static\")")
+    if backend == "openvino" and method == "static" and bits != 8:
+        raise UserError("quantize.bits: openvino static quantization is INT8 (bits = 8)")
     if backend == "bnb":
         if not torch.cuda.is_available():
             raise UserError("quantize.backend: \"bnb\" (bitsandbytes) needs a CUDA GPU; on CPU "
@@ -100,7 +107,8 @@ def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
 
     torch: fall back more modules to fp32 (lm_head first, then whole decoder layers from both
     ends, as INC's tuning falls back the most sensitive ops). inc: smaller groups, then 8 bits.
-    openvino: INT4 on a shrinking share of layers (the rest INT8), then INT8 everywhere.
+    openvino: INT4 on a shrinking share of layers (the rest INT8), then INT8 everywhere; static
+    INT8 falls back to INT8 weights with fp activations.
     """
     base = {"backend": cfg.backend, "method": cfg.method, "bits": cfg.bits,
             "group_size": cfg.group_size, "sym": cfg.sym}
@@ -115,7 +123,10 @@ def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
         if cfg.bits < 8:
             ladder.append({**base, "bits": 8})
     elif cfg.backend == "openvino":
-        if cfg.bits == 4:
+        if cfg.method == "static":
+            ladder = [{**base, "smooth_quant_alpha": cfg.smooth_quant_alpha},
+                      {**base, "method": "weight"}]
+        elif cfg.bits == 4:
             ladder = [{**base, "ratio": r} for r in (1.0, 0.8, 0.6)] + [{**base, "bits": 8}]
         else:
             ladder = [base]
@@ -150,18 +161,37 @@ def _decoder_layers(model: torch.nn.Module) -> list[str]:
     return []
 
 
+@dataclass
+class Calibration:
+    """Token blocks (1-D ``input_ids``) of a data source that GPTQ, AWQ and static INT8 see."""
+
+    blocks: list[torch.Tensor]
+
+    def feed(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for ids in self.blocks:
+                model(input_ids=ids.unsqueeze(0))
+
+    @property
+    def example_inputs(self) -> torch.Tensor:
+        return self.blocks[0].unsqueeze(0)
+
+
 def quantize(model: torch.nn.Module, source_dir: str, settings: dict[str, Any],
-             calibration: Callable[[torch.nn.Module], None] | None = None,
-             example_inputs: torch.Tensor | None = None):
+             calibration: Calibration | None = None):
     """A quantized copy of ``model`` (an fp model; ``source_dir`` holds it for backends that
-    export from disk). ``calibration(model)`` feeds calibration batches, for GPTQ and AWQ."""
+    export from disk). ``calibration`` is needed by GPTQ, AWQ and static INT8."""
     backend = settings["backend"]
+    if backend in ("inc", "openvino") and settings["method"] in CALIBRATED_METHODS \
+            and calibration is None:
+        raise UserError(f"quantize.calibration: {settings['method']} needs calibration data")
     if backend == "torch":
         return _torch_dynamic(copy.deepcopy(model), settings["fp32_modules"])
     if backend == "inc":
-        return _inc_weight_only(copy.deepcopy(model), source_dir, settings, calibration,
-                                example_inputs)
+        return _inc_weight_only(copy.deepcopy(model), source_dir, settings, calibration)
     if backend == "openvino":
+        if settings["method"] == "static":
+            return _openvino_static(source_dir, settings, calibration)
         return _openvino_export(source_dir, settings)
     if backend == "bnb":
         return _bnb_load(source_dir, settings)
@@ -188,7 +218,7 @@ def _int8_linears(model: torch.nn.Module, fp32_modules: Iterable[str]) -> list[s
             and not any(name == k or name.startswith(k + ".") for k in keep)]
 
 
-def _inc_weight_only(model, source_dir, settings, calibration, example_inputs):
+def _inc_weight_only(model, source_dir, settings, calibration: Calibration | None):
     from neural_compressor.torch.quantization import (AWQConfig, GPTQConfig, RTNConfig,
                                                       convert, prepare)
 
@@ -205,12 +235,9 @@ def _inc_weight_only(model, source_dir, settings, calibration, example_inputs):
         prepared = prepare(model, config)
     else:
         config = AWQConfig(**common)
-        prepared = prepare(model, config, example_inputs=example_inputs)
+        prepared = prepare(model, config, example_inputs=calibration.example_inputs)
     if method != "rtn":
-        if calibration is None:
-            raise UserError(f"quantize.calibration: {method} needs calibration data")
-        with torch.no_grad():
-            calibration(prepared)
+        calibration.feed(prepared)
     return convert(prepared)
 
 
@@ -226,6 +253,24 @@ def _openvino_export(source_dir: str, settings: dict[str, Any]):
         group_size_fallback="adjust" if settings["bits"] == 4 else None)
     return OVModelForCausalLM.from_pretrained(source_dir, export=True,
                                               quantization_config=weights)
+
+
+def _openvino_static(source_dir: str, settings: dict[str, Any], calibration: Calibration):
+    """Export fp, then NNCF's post-training quantization in place: SmoothQuant (unless the
+    alpha is None), activation ranges from the calibration blocks, INT8 weights and activations."""
+    decline_openvino_telemetry()
+    import nncf
+    from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizationConfig, OVQuantizer
+
+    ov_model = OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)
+    data = nncf.Dataset(calibration.blocks, lambda ids: ov_model.prepare_inputs(
+        input_ids=ids.unsqueeze(0), attention_mask=torch.ones(1, len(ids), dtype=torch.long)))
+    alpha = settings.get("smooth_quant_alpha")
+    config = OVQuantizationConfig(bits=8, sym=settings["sym"], num_samples=len(calibration.blocks),
+                                  smooth_quant_alpha=-1 if alpha is None else alpha)
+    OVQuantizer(ov_model).quantize(calibration_dataset=data,
+                                   ov_config=OVConfig(quantization_config=config))
+    return ov_model
 
 
 def _bnb_load(source_dir: str, settings: dict[str, Any]):  # pragma: no cover - CUDA only

@@ -204,11 +204,14 @@ class QuantizeConfig(Section):
 
     model: str | None = None  # default: the last trained model (ppo > dpo > merge > sft > pretrain)
     backend: Literal["inc", "torch", "openvino", "bnb"] = "inc"
-    method: str = "rtn"  # inc: rtn gptq awq; torch: dynamic; openvino and bnb: weight
+    method: str = "rtn"  # inc: rtn gptq awq; torch: dynamic; openvino: weight static; bnb: weight
     bits: Literal[4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    # Calibration for GPTQ/AWQ: rows of a [data.<name>] source, as seq_len-token blocks.
+    # openvino static: SmoothQuant's migration strength in [0, 1] (NNCF's default for
+    # transformers); None: no SmoothQuant.
+    smooth_quant_alpha: float | None = 0.95
+    # Calibration for GPTQ/AWQ/static: rows of a [data.<name>] source, as seq_len-token blocks.
     calibration: str | None = None  # default: the metric's data source
     calibration_samples: int = 32
     # The accuracy criterion: a metric measured before and after on held-out data.
@@ -230,6 +233,8 @@ class QuantizeConfig(Section):
             raise ValueError("tolerable_loss must be >= 0")
         if self.max_trials < 1:
             raise ValueError("max_trials must be >= 1")
+        if self.smooth_quant_alpha is not None and not 0 <= self.smooth_quant_alpha <= 1:
+            raise ValueError("smooth_quant_alpha must be in [0, 1] (or absent: no SmoothQuant)")
         if self.metric == "task" and not self.task:
             raise ValueError("metric = \"task\" needs task (an lm-eval task name)")
         return self

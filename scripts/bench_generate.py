@@ -52,6 +52,8 @@ VARIANTS = {
     "openvino fp32": ({"backend": "openvino", "method": "weight", "bits": 16}, 4.0, 4.0),
     "openvino int8": ({"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
                        "sym": False}, 1.0, 1.0),
+    "openvino static int8": ({"backend": "openvino", "method": "static", "bits": 8,
+                              "group_size": -1, "sym": False, "smooth_quant_alpha": 0.95}, 1.0, 1.0),
     "openvino int4 g128": ({"backend": "openvino", "method": "weight", "bits": 4,
                             "group_size": 128, "sym": True, "ratio": 1.0}, 0.5, 1.0),
 }
@@ -69,7 +71,7 @@ def read_bandwidth(gib: float = 1.0, trials: int = 7) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
-def build(variant, fp_model, source_dir: str):
+def build(variant, fp_model, source_dir: str, calibration: quantization.Calibration):
     spec = VARIANTS[variant][0]
     if isinstance(spec, torch.dtype):
         return fp_model if spec == torch.float32 else _copy_to(fp_model, spec)
@@ -78,7 +80,7 @@ def build(variant, fp_model, source_dir: str):
         from optimum.intel import OVModelForCausalLM
 
         return OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)
-    return quantization.quantize(fp_model, source_dir, spec)
+    return quantization.quantize(fp_model, source_dir, spec, calibration)
 
 
 def _copy_to(model, dtype):
@@ -95,13 +97,16 @@ def speed(args, bandwidth: float) -> dict:
                         if isinstance(m, torch.nn.Linear))
     head_weights = model.lm_head.weight.numel()
     prompt = torch.randint(4, config.vocab_size, (1, 32))
+    # Random weights, random tokens: only the speed of static INT8 is measured on this model.
+    calibration = quantization.Calibration([torch.randint(4, config.vocab_size, (128,))
+                                            for _ in range(16)])
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         models = {}
         for variant in args.variants:
             t0 = time.perf_counter()
-            models[variant] = build(variant, model, tmp)
+            models[variant] = build(variant, model, tmp, calibration)
             print(f"  built {variant} in {time.perf_counter() - t0:.1f} s", flush=True)
         times = {(v, beams): [] for v in models for beams in (1, 4)}
         for v in models:  # warm-up
@@ -142,10 +147,12 @@ def quality(args) -> dict:
     tokenizer = load_tokenizer(source_dir)
     fp_model = load_causal_lm(source_dir).eval()
     blocks = token_blocks(recipe.data["sentiment"], "data.sentiment", "eval", tokenizer, 128, 32)
+    calibration = quantization.Calibration([b["input_ids"] for b in token_blocks(
+        recipe.data["sentiment"], "data.sentiment", "train", tokenizer, 128, 32)])
     task_path = str(run_dir / "assets" / "lm_tasks")
     results = {}
     for variant in args.variants:
-        model = build(variant, fp_model, source_dir)
+        model = build(variant, fp_model, source_dir, calibration)
         acc = lm_eval_tasks("", ["demo_sentiment"], task_path, batch_size=8, model=model,
                             tokenizer=tokenizer)["demo_sentiment"]["acc"]
         results[variant] = {"perplexity": perplexity(model, blocks), "acc": acc}

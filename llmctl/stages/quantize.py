@@ -38,7 +38,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # an adapter is quantized merged into its base
     score, metric_name, higher_is_better = metric_function(recipe, cfg, tokenizer)
-    calibration, example_inputs = calibration_function(recipe, cfg, tokenizer)
+    calibration = calibration_blocks(recipe, cfg, tokenizer)
     trials = quantization.trial_settings(cfg, model)
     stage_header("quantize", f"{cfg.backend} {cfg.method} {cfg.bits}-bit on {inputs['model']}: "
                              f"{metric_name} within {cfg.tolerable_loss:.1%}, "
@@ -57,7 +57,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     console.print(f"  fp model: {metric_name} {before:.4f}")
     records, accepted = [], None
     for index, settings in enumerate(trials, 1):
-        qmodel = quantization.quantize(model, source_dir, settings, calibration, example_inputs)
+        qmodel = quantization.quantize(model, source_dir, settings, calibration)
         after = score(qmodel)
         loss = relative_loss(before, after, higher_is_better)
         ok = loss <= cfg.tolerable_loss
@@ -127,10 +127,11 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
     return task_score, f"{cfg.task}.{cfg.task_metric}", True
 
 
-def calibration_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
-    """GPTQ and AWQ see ``calibration_samples`` blocks of the calibration source's train split."""
-    if cfg.method not in ("gptq", "awq"):
-        return None, None
+def calibration_blocks(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
+    """GPTQ, AWQ and static INT8 see ``calibration_samples`` blocks of the calibration source's
+    train split."""
+    if cfg.method not in quantization.CALIBRATED_METHODS:
+        return None
     name = cfg.calibration or cfg.data
     if not name:
         raise UserError(f"{recipe.source}: quantize.calibration: missing ({cfg.method} needs "
@@ -138,12 +139,7 @@ def calibration_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
     source = recipe.data_source("quantize", name)
     blocks = token_blocks(source, f"data.{name}", "train", tokenizer, cfg.seq_len,
                           cfg.calibration_samples)
-
-    def calibrate(model) -> None:
-        for block in blocks:
-            model(input_ids=block["input_ids"].unsqueeze(0))
-
-    return calibrate, blocks[0]["input_ids"].unsqueeze(0)
+    return quantization.Calibration([block["input_ids"] for block in blocks])
 
 
 def relative_loss(before: float, after: float, higher_is_better: bool) -> float:
@@ -159,6 +155,9 @@ def describe(settings: dict) -> str:
         parts.append(f"group {settings['group_size']}")
     if "ratio" in settings:
         parts.append(f"ratio {settings['ratio']}")
+    if settings["method"] == "static":
+        alpha = settings.get("smooth_quant_alpha")
+        parts.append("no SmoothQuant" if alpha is None else f"SmoothQuant alpha {alpha}")
     if settings.get("fp32_modules"):
         parts.append(f"fp32: {', '.join(settings['fp32_modules'])}")
     return " ".join(parts)

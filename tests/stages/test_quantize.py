@@ -49,7 +49,9 @@ def one_line_error(err: str) -> str:
     'backend = "inc"\nmethod = "gptq"\nbits = 4\ngroup_size = 32\ncalibration = "corpus"\n'
     'calibration_samples = 4',
     'backend = "openvino"\nmethod = "weight"\nbits = 8',
-], ids=["torch-dynamic", "inc-rtn", "inc-gptq", "openvino-int8"])
+    'backend = "openvino"\nmethod = "static"\nbits = 8\nsym = false\ncalibration = "corpus"\n'
+    'calibration_samples = 4',
+], ids=["torch-dynamic", "inc-rtn", "inc-gptq", "openvino-int8", "openvino-static"])
 def test_backend_quantizes_and_output_generates(tmp_path, assets, pretrained_model, capsys, body):
     recipe = quantize_recipe(tmp_path, assets, pretrained_model, body)
     code, _, err = run_cli(["quantize", recipe, "--set", "quantize.tolerable_loss=0.5"], capsys)
@@ -76,6 +78,14 @@ def test_backend_quantizes_and_output_generates(tmp_path, assets, pretrained_mod
                 if k.endswith(".weight_int8") and v.dtype == torch.int8}
         assert int8 == set(_linears(pretrained_model)) and not settings["fp32_modules"]
         assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in int8 for k in state)
+    elif settings["method"] == "static":
+        # INT8 weights and an activation FakeQuantize before every Linear (weight-only has
+        # none). The tied lm_head gets its own int8 copy next to the fp32 embedding, as above,
+        # so this embedding-dominated tiny model does not shrink.
+        ir = (stage / "model" / "openvino_model.xml").read_text()
+        assert ir.count('type="FakeQuantize"') >= len(_linears(pretrained_model))
+        assert 'element_type="i8"' in ir
+        assert settings["smooth_quant_alpha"] == 0.95
     else:
         assert metrics["size_bytes_after"] < metrics["size_bytes_before"]
     trials = json.loads((stage / "trials.json").read_text())
@@ -165,6 +175,14 @@ def test_trial_ladder_inc_and_openvino():
     assert len(trial_settings(_cfg(bits=8), None)) == 3  # 8-bit: only smaller groups
     ov = trial_settings(_cfg(backend="openvino", method="weight"), None)
     assert [(t["bits"], t.get("ratio")) for t in ov] == [(4, 1.0), (4, 0.8), (4, 0.6), (8, None)]
+    static = trial_settings(_cfg(backend="openvino", method="static", bits=8,
+                                 smooth_quant_alpha=0.5), None)
+    assert [(t["method"], t.get("smooth_quant_alpha")) for t in static] == [("static", 0.5),
+                                                                             ("weight", None)]
+    from llmctl.recipe import QuantizeConfig
+
+    with pytest.raises(ValueError, match="smooth_quant_alpha"):
+        QuantizeConfig(backend="openvino", method="static", bits=8, smooth_quant_alpha=1.5)
 
 
 def test_bnb_refused_on_cpu(tmp_path, assets, pretrained_model, capsys):
@@ -179,12 +197,15 @@ def test_bnb_refused_on_cpu(tmp_path, assets, pretrained_model, capsys):
     assert not (tmp_path / "run" / ".partial" / "quantize").exists()
 
 
-def test_inc_dynamic_refused(tmp_path, assets, pretrained_model, capsys):
-    recipe = quantize_recipe(tmp_path, assets, pretrained_model,
-                             'backend = "inc"\nmethod = "dynamic"\nbits = 8')
+@pytest.mark.parametrize("body, key", [
+    ('backend = "inc"\nmethod = "dynamic"\nbits = 8', "quantize.method"),
+    ('backend = "openvino"\nmethod = "static"\nbits = 4', "quantize.bits"),
+])
+def test_unsupported_combination_refused(tmp_path, assets, pretrained_model, capsys, body, key):
+    recipe = quantize_recipe(tmp_path, assets, pretrained_model, body)
     code, _, err = run_cli(["quantize", recipe], capsys)
     assert code == 2
-    assert "quantize.method" in one_line_error(err)
+    assert key in one_line_error(err)
     assert not (tmp_path / "run" / "quantize").exists()
 
 
