@@ -124,7 +124,8 @@ def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
             ladder.append({**base, "bits": 8})
     elif cfg.backend == "openvino":
         if cfg.method == "static":
-            ladder = [{**base, "smooth_quant_alpha": cfg.smooth_quant_alpha},
+            alpha = cfg.smooth_quant_alpha if cfg.smooth_quant else None  # None: no SmoothQuant
+            ladder = [{**base, "smooth_quant_alpha": alpha},
                       {**base, "method": "weight"}]
         elif cfg.bits == 4:
             ladder = [{**base, "ratio": r} for r in (1.0, 0.8, 0.6)] + [{**base, "bits": 8}]

@@ -176,9 +176,12 @@ def test_trial_ladder_inc_and_openvino():
     ov = trial_settings(_cfg(backend="openvino", method="weight"), None)
     assert [(t["bits"], t.get("ratio")) for t in ov] == [(4, 1.0), (4, 0.8), (4, 0.6), (8, None)]
     static = trial_settings(_cfg(backend="openvino", method="static", bits=8,
-                                 smooth_quant_alpha=0.5), None)
+                                 smooth_quant=True, smooth_quant_alpha=0.5), None)
     assert [(t["method"], t.get("smooth_quant_alpha")) for t in static] == [("static", 0.5),
                                                                              ("weight", None)]
+    plain = trial_settings(_cfg(backend="openvino", method="static", bits=8,
+                                smooth_quant=False, smooth_quant_alpha=0.5), None)
+    assert plain[0]["smooth_quant_alpha"] is None
     from llmctl.recipe import QuantizeConfig
 
     with pytest.raises(ValueError, match="smooth_quant_alpha"):
