@@ -32,18 +32,27 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
 
 
 def is_up_to_date(recipe: Recipe, stage: str) -> bool:
-    """Finished, by the same resolved config as the recipe asks for now, and nothing it reads
-    changed since it started: an upstream stage rerun by hand (`llmctl ppo` makes the quantize
-    that read the old policy stale), a dataset rewritten in place, a retrained tokenizer. The
-    config hash sees paths, not contents; the files' modification times see the contents."""
+    return why_stale(recipe, stage) is None
+
+
+def why_stale(recipe: Recipe, stage: str) -> str | None:
+    """Why a stage must (re)run, or None when it is up to date: finished, by the same resolved
+    config as the recipe asks for now, and nothing it reads changed since it started (an
+    upstream stage rerun by hand, as `llmctl ppo` makes the quantize that read the old policy
+    stale; a dataset rewritten in place; a retrained tokenizer). The config hash sees paths,
+    not contents; the files' modification times see the contents."""
     manifest = read_manifest(recipe.run_dir / stage)
-    if not (manifest and manifest.get("status") == "complete"
-            and manifest.get("config_hash") == recipe.stage_hash(stage)):
-        return False
+    if not manifest or manifest.get("status") != "complete":
+        return "not finished yet"
+    if manifest.get("config_hash") != recipe.stage_hash(stage):
+        return "its config or input paths changed"
     # started_at has whole seconds: a file written in the second the stage started counts as
     # read by it, not as a change.
     changed_after = datetime.fromisoformat(manifest["started_at"]).timestamp() + 1
-    return not any(newest_mtime(Path(path)) >= changed_after for path in recipe.read_paths(stage))
+    for path in recipe.read_paths(stage):
+        if newest_mtime(Path(path)) >= changed_after:
+            return f"{path} changed after it ran"
+    return None
 
 
 def newest_mtime(path: Path) -> float:
@@ -65,10 +74,12 @@ def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None
     outcome = {}
     for stage in stages or recipe.stages():
         assert stage in PIPELINE
-        if not force and is_up_to_date(recipe, stage):
+        reason = "--force" if force else why_stale(recipe, stage)
+        if reason is None:
             console.print(f"[dim]llmctl {stage}: up to date, skipped[/]")
             outcome[stage] = "skipped"
             continue
+        console.print(f"[dim]llmctl {stage}: running ({reason})[/]", soft_wrap=True)
         run_stage(recipe, stage)
         outcome[stage] = "ran"
     return outcome

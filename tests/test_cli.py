@@ -82,13 +82,15 @@ def test_run_skips_up_to_date_stages(tiny_recipe, tmp_path, capsys):
     assert manifest(tmp_path / "run" / "pretrain")["finished_at"] == first
     # a changed generate setting reruns generate only
     code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
-    assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
+    assert code == 0 and "pretrain: up to date" in err
+    assert "generate: running (its config or input paths changed)" in err
     # a stage rerun by hand makes the stages that read its output stale
     time.sleep(1)  # manifests stamp whole seconds
     code, _, err = run_cli(["pretrain", recipe], capsys)
     assert code == 0, err
     code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
-    assert code == 0 and "pretrain: up to date" in err and "generate: up to date" not in err
+    assert code == 0 and "pretrain: up to date" in err
+    assert f"generate: running ({tmp_path / 'run' / 'pretrain' / 'model'} changed after it ran)" in err
 
 
 def test_run_reruns_stages_whose_data_or_tokenizer_changed_in_place(tiny_recipe, assets, tmp_path,
@@ -111,11 +113,13 @@ def test_run_reruns_stages_whose_data_or_tokenizer_changed_in_place(tiny_recipe,
     ds.append({"text": ["a row added in place"]})
     ds.commit("one more row")
     code, _, err = run_cli(args, capsys)
-    assert code == 0 and "up to date" not in err  # pretrain reran, and generate read its model
+    assert code == 0 and f"pretrain: running ({corpus} changed after it ran)" in err
+    assert "generate: running" in err  # it reads pretrain's model
     time.sleep(1)
     (tokenizer / "tokenizer_config.json").touch()
     code, _, err = run_cli(args, capsys)
-    assert code == 0 and "up to date" not in err  # both read the tokenizer
+    assert code == 0 and f"pretrain: running ({tokenizer} changed after it ran)" in err
+    assert "generate: running" in err
 
 
 def test_data_ingest_show_query(tmp_path, capsys):
