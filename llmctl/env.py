@@ -18,5 +18,10 @@ def quiet_libraries() -> None:
     # neural-compressor (imported by peft) announces the accelerator it detected.
     for name in ("torchao", "torch.utils._pytree", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # OpenVINO's PyTorch frontend logs "Failed to build model wrapper." as an error on every
+    # Hugging Face export, then traces the model unwrapped, as intended: not an error for users.
+    logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
+    # torch.jit's TracerWarning, on every OpenVINO export of a Hugging Face decoder.
+    warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
