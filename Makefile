@@ -7,17 +7,26 @@ BIN := $(VENV)/bin
 # the second install stops a dependency from swapping torch for another build behind our back.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,openvino,wandb
+# The verified set, so that a new release upstream cannot change what CI and users install
+# (optimum-intel 2 once swapped torch for a 5 GB CUDA build). CONSTRAINTS= resolves freely.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean constraints
 
 install: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]" "$(TORCH)"
+	$(BIN)/pip install -q $(PIP_CONSTRAINTS) "$(TORCH)"
+	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $@
+
+# After changing a dependency, in a fresh venv: rm -rf .venv; make install CONSTRAINTS=; make constraints
+constraints:
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
+	mv constraints.new constraints.txt
 
 demo: install
 	$(BIN)/llmctl demo
