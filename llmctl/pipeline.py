@@ -31,10 +31,6 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
     return stage_function(stage)(recipe, recipe.run_dir)
 
 
-def is_up_to_date(recipe: Recipe, stage: str) -> bool:
-    return why_stale(recipe, stage) is None
-
-
 def why_stale(recipe: Recipe, stage: str) -> str | None:
     """Why a stage must (re)run, or None when it is up to date: finished, by the same resolved
     config as the recipe asks for now, and nothing it reads changed since it started (an

@@ -183,8 +183,7 @@ def quantize(model: torch.nn.Module, source_dir: str, settings: dict[str, Any],
     """A quantized copy of ``model`` (an fp model; ``source_dir`` holds it for backends that
     export from disk). ``calibration`` is needed by GPTQ, AWQ and static INT8."""
     backend = settings["backend"]
-    if backend in ("inc", "openvino") and settings["method"] in CALIBRATED_METHODS \
-            and calibration is None:
+    if settings["method"] in CALIBRATED_METHODS and calibration is None:
         raise UserError(f"quantize.calibration: {settings['method']} needs calibration data")
     if backend == "torch":
         return _torch_dynamic(copy.deepcopy(model), settings["fp32_modules"])

@@ -381,18 +381,16 @@ class Recipe(Section):
 
     def read_paths(self, stage: str) -> list[str]:
         """Everything a stage reads: upstream outputs, its data sources, tokenizers, task files.
-        Staleness checks look at these (`pipeline.is_up_to_date`)."""
+        Staleness checks look at these (`pipeline.why_stale`)."""
         cfg = self.stage_config(stage)
         paths = list(self.upstream_inputs(stage).values())
         for key in ("data", "calibration"):
             source = self.data.get(getattr(cfg, key, None) or "")
             if source:
-                paths += [p for p in (source.path, source.eval_path) if p]
-        for key in ("tokenizer", "task_path", "prompts_file"):
-            paths += [p for p in [getattr(cfg, key, None)] if p]
-        if self.model.tokenizer:
-            paths.append(self.model.tokenizer)
-        return list(dict.fromkeys(paths))
+                paths += [source.path, source.eval_path]
+        paths += [getattr(cfg, key, None) for key in ("tokenizer", "task_path", "prompts_file")]
+        paths.append(self.model.tokenizer)
+        return list(dict.fromkeys(p for p in paths if p))
 
     def _model_from(self, *upstream: str) -> str:
         for stage in upstream:

@@ -66,11 +66,11 @@ def test_repo_demo_recipe_matches_embedded_one():
 def test_rebuilt_assets_make_finished_demo_stages_stale(tmp_path, monkeypatch):
     """A newer llmctl's assets land at the same paths: the stages that read them must rerun."""
     from llmctl.demo import assets, pipeline
-    from llmctl.pipeline import is_up_to_date
+    from llmctl.pipeline import why_stale
 
     stale = []
-    monkeypatch.setattr(pipeline, "run_all",
-                        lambda recipe, force=False: stale.append(not is_up_to_date(recipe, "pretrain")))
+    monkeypatch.setattr(pipeline, "run_all", lambda recipe, force=False: stale.append(
+        why_stale(recipe, "pretrain") is not None))
     monkeypatch.setattr(pipeline, "print_summary", lambda *args: None)
     pipeline.run_demo(tmp_path)  # fresh: assets built, nothing finished yet
     recipe = load_recipe(tmp_path / "recipe.toml", [f"run.dir={json.dumps(str(tmp_path))}"])

@@ -53,8 +53,8 @@ def run_demo(run_dir: Path, force: bool = False) -> dict[str, dict]:
     console.print(f"[bold]llmctl demo[/] building assets in {run_dir / 'assets'}")
     recipe_path = write_demo_recipe(run_dir)
     recipe = load_recipe(recipe_path, [f"run.dir={json.dumps(str(run_dir))}"])
-    # Assets rebuilt by a newer llmctl make the finished stages stale: is_up_to_date sees that
-    # the files they read changed.
+    # Assets rebuilt by a newer llmctl make the finished stages stale: why_stale sees that the
+    # files they read changed.
     run_all(recipe, force=force)
     summary = {s: (read_manifest(run_dir / s) or {}).get("metrics", {}) for s in recipe.stages()}
     print_summary(summary, time.perf_counter() - t0, run_dir / "generate" / "generations.jsonl")
