@@ -211,7 +211,7 @@ class QuantizeConfig(Section):
     # openvino static: SmoothQuant first, with this migration strength in [0, 1] (0.95 is
     # NNCF's default for transformers).
     smooth_quant: bool = True
-    smooth_quant_alpha: float = 0.95
+    smooth_quant_alpha: float = Field(0.95, ge=0, le=1)
     # Calibration for GPTQ/AWQ/static: rows of a [data.<name>] source, as seq_len-token blocks.
     calibration: str | None = None  # default: the metric's data source
     calibration_samples: int = 32
@@ -234,8 +234,6 @@ class QuantizeConfig(Section):
             raise ValueError("tolerable_loss must be >= 0")
         if self.max_trials < 1:
             raise ValueError("max_trials must be >= 1")
-        if not 0 <= self.smooth_quant_alpha <= 1:
-            raise ValueError("smooth_quant_alpha must be in [0, 1]")
         if self.metric == "task" and not self.task:
             raise ValueError("metric = \"task\" needs task (an lm-eval task name)")
         return self
