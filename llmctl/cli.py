@@ -52,17 +52,28 @@ def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
     return load_recipe(recipe_path, overrides)
 
 
-def _dry_run(recipe, stages: list[str], distributed: dict | None = None) -> None:
+def _dry_run(recipe, stages: list[str], distributed: dict | None = None,
+             force: bool = False) -> None:
+    """Check what the run would check before its first step, then print the resolved recipe,
+    each stage's inputs and (for `llmctl run`) whether each stage would run, and why."""
     from rich.console import Console
 
+    from llmctl.pipeline import plan, preflight
     from llmctl.recipe import dump_resolved
 
+    steps = plan(recipe, force, stages) if len(stages) > 1 else [(s, "asked for") for s in stages]
+    preflight(recipe, [s for s, reason in steps if reason is not None])
     resolved = dump_resolved(recipe)
-    inputs = {s: recipe.upstream_inputs(s) for s in stages}  # raises on unresolvable inputs
-    plan = {"recipe": resolved, "stages": stages, "inputs": inputs}
+    inputs = {s: recipe.upstream_inputs(s) for s in stages}
+    out = {"recipe": resolved, "stages": stages, "inputs": inputs,
+           "plan": {s: f"run ({reason})" if reason else "skip (up to date)" for s, reason in steps}}
     if distributed:
-        plan["distributed"] = distributed
-    Console().print_json(json.dumps(plan, default=str))
+        out["distributed"] = distributed
+    Console().print_json(json.dumps(out, default=str))
+    if len(stages) > 1:
+        for stage, reason in steps:
+            print(f"{stage}: {'run: ' + reason if reason else 'skip: up to date'}",
+                  file=sys.stderr)
 
 
 def _stage_command(stage: str):
@@ -131,7 +142,7 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
 
     loaded = _load(recipe, run_dir, set_)
     if dry_run:
-        _dry_run(loaded, loaded.stages())
+        _dry_run(loaded, loaded.stages(), force=force)
         return
     run_all(loaded, force=force)
 
@@ -202,27 +213,65 @@ def _print_rows(view, limit: int, columns: Optional[list[str]], title: str) -> N
     Console().print(table)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so cleanup and the exit message happen as for
+    Ctrl-C (a BaseException: no ``except Exception`` in a library swallows it)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def interrupted_message() -> str:
+    """What an interrupt leaves behind: the running stage's last checkpoint, if any."""
+    from llmctl import rundir
+
+    stage = rundir.ACTIVE
+    if stage is None:
+        return "error: interrupted"
+    checkpoint = stage.last_checkpoint()
+    if checkpoint:
+        return (f"error: interrupted; {stage.stage}: {Path(checkpoint).name} kept, "
+                f"rerun to resume")
+    return f"error: interrupted; {stage.stage}: no checkpoint yet, a rerun starts it over"
+
+
+def _stderr():
+    """The real stderr: a progress bar interrupted mid-run still holds sys.stderr in rich's
+    line-buffering proxy, which would swallow the last line."""
+    stream = sys.stderr
+    while hasattr(stream, "rich_proxied_file"):
+        stream = stream.rich_proxied_file
+    return stream
+
+
 def main() -> None:
+    import signal
+
     debug = "--debug" in sys.argv
     if not debug:
         quiet_libraries()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = app(standalone_mode=False)
     except click.exceptions.ClickException as err:  # usage errors: exit 2 like argparse
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print(interrupted_message(), file=_stderr())
         sys.exit(130)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except Terminated:
+        print(interrupted_message(), file=_stderr())
+        sys.exit(143)
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into an exit code
         if debug:
-            traceback.print_exc()
+            traceback.print_exc(file=_stderr())
         # Our own exceptions carry an exit code and a message written for users.
         code = getattr(err, "exit_code", 1)
         message = str(err) if hasattr(err, "exit_code") else f"{type(err).__name__}: {err}"
         if message:  # (empty when launched processes have already said what went wrong)
-            print(f"error: {' '.join(message.split())}", file=sys.stderr)
+            print(f"error: {' '.join(message.split())}", file=_stderr())
         sys.exit(code)
+    if rc == 130:  # typer turns KeyboardInterrupt into exit code 130 itself
+        print(interrupted_message(), file=_stderr())
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -21,7 +21,8 @@ import deeplake
 import torch
 
 from llmctl.errors import UserError
-from llmctl.recipe import DataSource
+from llmctl.paths import is_remote
+from llmctl.recipe import DataSource, read_text
 
 # The course's templates, by name. A recipe may also give a format string of its own.
 TEMPLATES = {
@@ -92,10 +93,6 @@ def _as_text(value: Any) -> str:
 def _token() -> str | None:
     # Read from the environment at the moment of use; never written anywhere.
     return os.environ.get("ACTIVELOOP_TOKEN") or None
-
-
-def is_remote(path: str) -> bool:
-    return path.startswith(("hub://", "al://", "s3://", "gcs://", "gs://", "azure://"))
 
 
 def open_dataset(path: str, key: str = "data.path"):
@@ -322,24 +319,37 @@ def read_records(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
         raise UserError(f"{path}: file not found")
     if suffix in (".jsonl", ".json"):
         records = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise UserError(f"{path}:{n}: invalid JSON: {err.msg}") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{n}: not a JSON object (one record per line)")
+                records.append(record)
         return records
     if suffix in (".csv", ".tsv"):
+        import io
+
         import pandas as pd
 
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",").to_dict("records")
+        try:
+            frame = pd.read_csv(io.StringIO(read_text(path)), sep="\t" if suffix == ".tsv" else ",")
+        except (ValueError, pd.errors.ParserError) as err:
+            raise UserError(f"{path}: cannot parse as {suffix[1:].upper()}: "
+                            f"{' '.join(str(err).split())[:200]}") from None
+        return frame.to_dict("records")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for a broken file vary
+            raise UserError(f"{path}: cannot read as Parquet: {_one_line(err)}") from None
     if suffix in (".txt", ".md", ".text", ""):
         # Paragraphs (blank-line separated) are the natural documents of a plain-text file.
-        paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
+        paragraphs = [p.strip() for p in read_text(path).split("\n\n")]
         return [{text_column: p} for p in paragraphs if p]
     raise UserError(f"{path}: unsupported file type '{suffix}' (jsonl, csv, tsv, parquet, txt)")
 
@@ -366,6 +376,10 @@ def write_dataset(dest: str, records: list[dict[str, Any]], message: str,
     if not is_remote(dest) and not dest.startswith("mem://") and Path(dest).exists():
         if not overwrite:
             raise UserError(f"{dest}: already exists (pass --overwrite to replace it)")
+        # --overwrite replaces a dataset, never anything else that happens to live there.
+        if not Path(dest).is_dir() or not deeplake.exists(dest):
+            raise UserError(f"{dest}: exists and is not a Deep Lake dataset; llmctl will not "
+                            f"delete it (choose another --to)")
         import shutil
 
         shutil.rmtree(dest)

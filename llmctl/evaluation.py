@@ -181,29 +181,25 @@ def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks
     return task_manager
 
 
-def lm_eval_tasks(model_path: str, tasks: list[str], task_path: str | None = None,
-                  num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
-                  model=None, tokenizer=None) -> dict[str, dict[str, float]]:
+def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = None,
+                  num_fewshot: int | None = None, limit: int | None = None,
+                  batch_size: int = 8) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness results, task -> metric -> value (stderr as ``<metric>_stderr``).
 
-    A plain model directory or hub id goes to the harness as ``--model hf
-    --model_args pretrained=PATH``, exactly what the ``lm_eval`` command does with it, so the
-    numbers are the same. Anything the harness cannot load by path (an adapter on its base, a
-    quantized model) is passed in already loaded as ``model``.
+    The harness gets the model already loaded, through llmctl's one loader (safetensors only,
+    remote code off, adapters on their fingerprinted base), never a ``model_args`` string:
+    lm-eval splits that on commas, so a path such as ``runs/lr=2e-3,bs=16`` would be cut up,
+    and a crafted one could switch ``trust_remote_code`` on.
     """
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
 
     task_manager = check_tasks(tasks, task_path)
-    common = dict(tasks=tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                  task_manager=task_manager, log_samples=False, verbosity="ERROR")
-    if model is None:
-        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}",
-                                          device=str(device()), **common)
-    else:
-        from lm_eval.models.huggingface import HFLM
-
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(model=wrapped, **common)
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot,
+                                      limit=limit, batch_size=batch_size,
+                                      task_manager=task_manager, log_samples=False,
+                                      verbosity="ERROR")
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         out[task] = {}

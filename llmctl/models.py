@@ -1,12 +1,17 @@
 """Loading and building models and tokenizers, the one place every stage goes through.
 
-Safe by default: weights load from safetensors only, and ``trust_remote_code`` stays off unless
-the recipe's ``[model]`` table turns it on. Hub ids and local directories load the same way.
+Safe by default: weights load from safetensors only (pickled ``pytorch_model.bin`` can run code
+when loaded: ``model.allow_pickle = true`` admits it), and ``trust_remote_code`` stays off unless
+the recipe's ``[model]`` table turns it on. Hub ids and local directories load the same way; a
+local directory is checked first (exists, has a config, whole safetensors files), so a bad one
+is an error naming the file rather than a library traceback. An adapter loads only on the
+base it was trained on (``base_fingerprint.json``).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,11 @@ from transformers import (
 )
 
 from llmctl.errors import UserError
+from llmctl.fingerprint import model_fingerprint, stat_digest
+from llmctl.paths import looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
 from llmctl.recipe import LoraConfig, ModelConfig
-from llmctl.rundir import looks_local
+from llmctl.rundir import BASE_FINGERPRINT
 
 # Where LoRA goes when the recipe does not say: the attention query/value projections, as in
 # the LoRA paper and the course (OPT: q_proj, v_proj -> 3,145,728 trainable of 1.3B at r=16).
@@ -70,15 +77,130 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base(path: str | Path) -> str:
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    """The base an adapter names; a relative name is relative to the adapter directory (llmctl
+    writes bases inside a run directory so), else to the working directory, else a hub id."""
+    config = _read_json(Path(path) / "adapter_config.json")
     base = config.get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path")
+        raise UserError(f"{path}/adapter_config.json: names no base_model_name_or_path")
+    beside = Path(path) / base
+    if not Path(base).is_absolute() and beside.exists():
+        return str(beside.resolve())
     return base
+
+
+def check_adapter_base(adapter: str | Path, base: str, key: str, allow_other: bool = False) -> None:
+    """Exit 2 when ``base`` is not the model the adapter was trained on (by config and weights
+    digest). LoRA deltas applied to another model load without complaint and produce nonsense."""
+    recorded = _read_json(Path(adapter) / BASE_FINGERPRINT).get("fingerprint") \
+        if (Path(adapter) / BASE_FINGERPRINT).is_file() else None
+    if not recorded or allow_other or not Path(base).is_dir():
+        return
+    found = _cached_fingerprint(base)
+    if found != recorded:
+        what = "weights" if found and found["config_sha256"] == recorded["config_sha256"] \
+            else "config"
+        raise UserError(f"{key}: {base} is not the base adapter {adapter} was trained on (its "
+                        f"{what} differ from the recorded fingerprint in {BASE_FINGERPRINT})"
+                        + ("; set merge.allow_other_base = true to merge anyway"
+                           if key.startswith("merge") else ""))
+
+
+_FINGERPRINTS: dict[tuple[str, str], dict | None] = {}
+
+
+def _cached_fingerprint(model_dir: str) -> dict | None:
+    """model_fingerprint, hashed once per process for each state of the directory's files."""
+    stamp = (str(Path(model_dir).resolve()), stat_digest(Path(model_dir)))
+    if stamp not in _FINGERPRINTS:
+        _FINGERPRINTS[stamp] = model_fingerprint(model_dir)
+    return _FINGERPRINTS[stamp]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return found
+
+
+def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = "model",
+                    causal_lm: bool = False) -> None:
+    """Exit 2 with the file's name for what would otherwise fail deep inside from_pretrained
+    (or, for pickles, load code): a missing directory, no config, pickle-only or truncated
+    weights; with ``causal_lm``, a sequence classifier (a reward model) where a causal LM is
+    needed. Hub ids pass: the loader reports those."""
+    model_cfg = model_cfg or ModelConfig()
+    root = Path(path)
+    if not root.exists():
+        if looks_local(path):
+            raise UserError(f"{key}: {path} does not exist")
+        return
+    if not root.is_dir():
+        raise UserError(f"{key}: {path} is not a model directory")
+    if not (root / "config.json").is_file():
+        raise UserError(f"{key}: {path} is not a model directory (no config.json)")
+    if causal_lm:
+        architectures = _read_json(root / "config.json").get("architectures") or []
+        if any(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+               for a in architectures):
+            raise UserError(f"{key}: {path} is a {architectures[0]} (a reward or classifier "
+                            f"model), not a causal language model")
+    weights = sorted(root.glob("*.safetensors"))
+    pickles = sorted(p for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not weights and pickles and not model_cfg.allow_pickle:
+        raise UserError(f"{key}: {path} has only pickled weights ({pickles[0].name}), which can "
+                        f"run code when loaded; convert them to safetensors or set "
+                        f"model.allow_pickle = true")
+    for file in weights:
+        check_safetensors(file)
+
+
+def check_loadable(path: str, model_cfg: ModelConfig | None, key: str,
+                   causal_lm: bool = True) -> None:
+    """Everything :func:`load_causal_lm` (or :func:`load_classifier`) would refuse about a local
+    model, checked without loading it: for an adapter, its files and its base's."""
+    if is_quantized_dir(path) or not Path(path).is_dir():
+        if looks_local(path) and not Path(path).exists():
+            raise UserError(f"{key}: {path} does not exist")
+        return
+    if is_adapter_dir(path):
+        for file in Path(path).glob("*.safetensors"):
+            check_safetensors(file)
+        base = adapter_base(path)
+        check_model_dir(base, model_cfg, f"{path}/adapter_config.json: base", causal_lm)
+        check_adapter_base(path, base, f"{path}/adapter_config.json: base")
+        return
+    check_model_dir(path, model_cfg, key, causal_lm)
+
+
+def check_safetensors(file: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes it
+    describes: a truncated or overwritten file fails this before a loader sees it."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, 100 << 20):
+                raise ValueError("header length beyond the file")
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        raise UserError(f"{file}: not a valid safetensors file ({err})") from None
+    if 8 + header_len + end != size:
+        raise UserError(f"{file}: truncated or corrupt safetensors file ({size:,} bytes, its "
+                        f"header describes {8 + header_len + end:,})")
 
 
 def _load_error(what: str, path: str, err: Exception) -> UserError:
     detail = " ".join(str(err).split())[:240]
+    if not Path(path).exists() and ("huggingface.co" in detail or "offline" in detail.lower()):
+        return UserError(f"{what} {path}: not a local path, and the Hugging Face Hub cannot be "
+                         f"reached for it (offline)")
     return UserError(f"{what} {path}: cannot load ({detail})")
 
 
@@ -88,11 +210,15 @@ def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
     # An adapter directory may hold no tokenizer: fall back to its base model's.
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
         path = adapter_base(path)
+    if looks_local(path) and not Path(path).exists():
+        raise UserError(f"tokenizer {path}: does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - tokenizers raise many types for a broken directory
         raise _load_error("tokenizer", path, err) from None
+    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "encode"):
+        raise UserError(f"tokenizer {path}: no tokenizer files (tokenizer.json, vocab, ...)")
     if tokenizer.pad_token is None:
         # The course's GPT-2 setup: pad with eos (labels of pad positions are masked anyway).
         tokenizer.pad_token = tokenizer.eos_token
@@ -114,23 +240,28 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
         if looks_local(base_path) and not Path(base_path).exists():
             raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base_path} "
                             f"does not exist")
-        base = _from_pretrained(base_path, common)
+        check_adapter_base(path, base_path, f"{path}/adapter_config.json: base")
+        for file in Path(path).glob("*.safetensors"):
+            check_safetensors(file)
+        base = _from_pretrained(base_path, common, model_cfg=model_cfg)
         try:
             return PeftModel.from_pretrained(base, path)
         except (OSError, ValueError, RuntimeError) as err:
             raise _load_error("adapter", path, err) from None
-    return _from_pretrained(path, common)
+    return _from_pretrained(path, common, model_cfg=model_cfg)
 
 
 def _load_kwargs(model_cfg: ModelConfig | None, dtype: str | None, **extra: Any) -> dict[str, Any]:
     """from_pretrained arguments every load shares: safetensors only, remote code as the recipe says."""
     model_cfg = model_cfg or ModelConfig()
     return dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                dtype=torch_dtype(dtype or model_cfg.dtype), use_safetensors=True, **extra)
+                dtype=torch_dtype(dtype or model_cfg.dtype),
+                use_safetensors=None if model_cfg.allow_pickle else True, **extra)
 
 
-def _from_pretrained(path: str, kwargs: dict[str, Any],
-                     auto_cls: type = AutoModelForCausalLM) -> PreTrainedModel:
+def _from_pretrained(path: str, kwargs: dict[str, Any], auto_cls: type = AutoModelForCausalLM,
+                     model_cfg: ModelConfig | None = None) -> PreTrainedModel:
+    check_model_dir(path, model_cfg, "model", causal_lm=auto_cls is AutoModelForCausalLM)
     if Path(path).exists():
         path = str(Path(path).resolve())  # adapters record this as their base: make it absolute
     try:
@@ -162,15 +293,22 @@ def build_classifier(architecture: str, overrides: dict[str, Any],
 
 def _config(architecture: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
             key: str):
+    config_cls = check_config_overrides(architecture, overrides, key)
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if tokenizer.bos_token_id is not None:
+        special.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return config_cls(**{**special, **overrides})
+
+
+def check_config_overrides(architecture: str, overrides: dict[str, Any], key: str) -> type:
+    """Every key of a recipe's ``config = {...}`` must be a field of the architecture's config
+    class (a typo would otherwise be silently ignored by transformers)."""
     config_cls = ARCHITECTURES[architecture]
     valid = set(config_cls().to_dict()) | set(config_cls.attribute_map)
     for name in overrides:
         if name not in valid:
             raise UserError(f"{key}.{name}: not a field of {config_cls.__name__}")
-    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    if tokenizer.bos_token_id is not None:
-        special.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return config_cls(**{**special, **overrides})
+    return config_cls
 
 
 def load_classifier(path: str, model_cfg: ModelConfig | None = None,
@@ -178,7 +316,16 @@ def load_classifier(path: str, model_cfg: ModelConfig | None = None,
     """A sequence classifier with one output (a reward or value model) from a directory or hub
     id; a causal LM's weights get a fresh score head, the InstructGPT way."""
     return _from_pretrained(path, _load_kwargs(model_cfg, dtype, num_labels=1),
-                            AutoModelForSequenceClassification)
+                            AutoModelForSequenceClassification, model_cfg)
+
+
+def max_positions(model) -> int | None:
+    """How many token positions a model has (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

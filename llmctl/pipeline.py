@@ -1,18 +1,26 @@
-"""Running stages: one by name, or every stage of a recipe in pipeline order with skipping."""
+"""Running stages: one by name, or every stage of a recipe in pipeline order with skipping.
+
+Before any stage runs, :func:`preflight` checks everything that can be checked without
+training (data sources, local paths, upstream outputs, architecture configs, lm-eval task
+names), so a typo fails in a second with exit 2, not after hours, and ``--dry-run`` checks
+exactly what a run would.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from llmctl import distributed
+from llmctl.errors import UserError
+from llmctl.fingerprint import changed
+from llmctl.paths import is_local, looks_local
 from llmctl.progress import console
-from llmctl.recipe import PIPELINE, Recipe
-from llmctl.rundir import read_manifest
+from llmctl.recipe import PIPELINE, Recipe, describe_changes
+from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
+    stage_of_path
+
 
 def stage_function(stage: str) -> Callable:
     """A stage is the module llmctl.stages.<name> and its run(recipe, run_dir)."""
@@ -21,61 +29,138 @@ def stage_function(stage: str) -> Callable:
 
 def run_stage(recipe: Recipe, stage: str) -> dict:
     recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
-    if stage in distributed.TRAINING_STAGES:
-        distributed.check_supported(recipe.distributed)
-        if distributed.should_launch(recipe.distributed, stage):
-            # The same stage, once per process, under torchrun / accelerate launch.
-            distributed.launch(recipe, stage)
-            return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})
-        distributed.init()
-    return stage_function(stage)(recipe, recipe.run_dir)
+    with run_dir_lock(recipe.run_dir):
+        if not distributed.is_launched():
+            preflight(recipe, [stage])
+        if stage in distributed.TRAINING_STAGES:
+            distributed.check_supported(recipe.distributed)
+            if distributed.should_launch(recipe.distributed, stage):
+                # The same stage, once per process, under torchrun / accelerate launch.
+                distributed.launch(recipe, stage)
+                return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})
+            distributed.init()
+        return stage_function(stage)(recipe, recipe.run_dir)
 
 
 def why_stale(recipe: Recipe, stage: str) -> str | None:
     """Why a stage must (re)run, or None when it is up to date: finished, by the same resolved
-    config as the recipe asks for now, and nothing it reads changed since it started (an
-    upstream stage rerun by hand, as `llmctl ppo` makes the quantize that read the old policy
-    stale; a dataset rewritten in place; a retrained tokenizer). The config hash sees paths,
-    not contents; the files' modification times see the contents."""
+    config as the recipe asks for now (``Recipe.hashed_config``), and nothing it reads changed
+    since it started: an upstream stage finished again, a dataset or tokenizer was rewritten.
+    Contents are compared, not modification times, so a copied run directory stays finished."""
     manifest = read_manifest(recipe.run_dir / stage)
     if not manifest or manifest.get("status") != "complete":
         return "not finished yet"
+    recorded = manifest.get("fingerprint") or {}
     if manifest.get("config_hash") != recipe.stage_hash(stage):
-        return "its config or input paths changed"
-    # started_at has whole seconds: a file written in the second the stage started counts as
-    # read by it, not as a change.
-    changed_after = datetime.fromisoformat(manifest["started_at"]).timestamp() + 1
-    for path in recipe.read_paths(stage):
-        if newest_mtime(Path(path)) >= changed_after:
+        if "config" not in recorded:
+            return "its config changed (finished by an older llmctl)"
+        return f"config changed: {describe_changes(recorded['config'], recipe.hashed_config(stage))}"
+    for path in recipe.input_paths(stage):
+        then = recorded.get("inputs", {}).get(recipe.normalize_path(path))
+        if then is None or not is_local(path):
+            continue
+        if "stage" in then:
+            now = read_manifest(recipe.run_dir / then["stage"]) or {}
+            if (now.get("finished_at"), now.get("config_hash")) != \
+                    (then["finished_at"], then["config_hash"]):
+                return f"{then['stage']} ran again after it ({path})"
+        elif changed(path, then):
             return f"{path} changed after it ran"
     return None
 
 
-def newest_mtime(path: Path) -> float:
-    """The latest modification time of a local file or of anything under a local directory;
-    0 for hub ids and remote datasets (hub://, al://), which have no local copy to look at."""
-    if not path.exists():
-        return 0.0
-    newest = path.stat().st_mtime
-    if path.is_dir():
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                with contextlib.suppress(OSError):  # a file removed while we walk
-                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
-    return newest
+def preflight(recipe: Recipe, stages: list[str]) -> None:
+    """Check each stage's inputs as far as possible without loading a model; exit 2 on the
+    first problem. ``stages`` run in this order in this command, so an output of an earlier
+    one need not exist yet."""
+    produced: set[str] = set()
+    for stage in stages:
+        cfg = recipe.stage_config(stage)
+        check_replaceable(recipe.run_dir / stage, stage)
+        for key in ("data", "calibration"):
+            name = getattr(cfg, key, None)
+            if name is not None or (key == "data" and stage in NEEDS_DATA):
+                source = recipe.data_source(stage, name, key)
+                for field in ("path", "eval_path"):
+                    path = getattr(source, field)
+                    if path and is_local(path) and not Path(path).exists():
+                        raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
+                                        f"does not exist")
+        for name, path in recipe.upstream_inputs(stage).items():
+            upstream = stage_of_path(path, recipe.run_dir)
+            if upstream in produced:
+                continue
+            if upstream and upstream in PIPELINE and getattr(recipe, upstream) is None \
+                    and not Path(path).exists():
+                raise UserError(f"{stage}.{name}: {path} does not exist and no stage of this "
+                                f"recipe produces it (add a [{upstream}] table or set "
+                                f"{stage}.{name})")
+            require_input(path, f"{stage}.{name}")
+            if name != "tokenizer" and Path(path).exists():
+                from llmctl.models import check_loadable
+
+                check_loadable(path, recipe.model, f"{stage}.{name}",
+                               causal_lm=stage != "reward" and name != "reward_model")
+        for key in ("tokenizer", "task_path", "prompts_file"):
+            path = getattr(cfg, key, None)
+            if path and looks_local(path) and not Path(path).exists():
+                raise UserError(f"{recipe.source}: {stage}.{key}: {path} does not exist")
+        if stage == "pretrain" and not cfg.tokenizer and recipe.model.tokenizer \
+                and looks_local(recipe.model.tokenizer) and not Path(recipe.model.tokenizer).exists():
+            raise UserError(f"{recipe.source}: model.tokenizer: {recipe.model.tokenizer} "
+                            f"does not exist")
+        if getattr(cfg, "init", None) == "config":
+            from llmctl.models import check_config_overrides
+
+            check_config_overrides(cfg.architecture, cfg.config, f"{recipe.source}: {stage}.config")
+        if stage == "quantize":
+            from llmctl.quantization import check_supported
+
+            check_supported(cfg.backend, cfg.method, cfg.bits)
+        if stage in ("quantize", "bench") and getattr(cfg, "task", None) or \
+                stage == "bench" and cfg.tasks:
+            from llmctl.evaluation import check_tasks
+
+            tasks = [cfg.task] if stage == "quantize" else cfg.tasks
+            check_tasks(tasks, cfg.task_path, f"{stage}.{'task' if stage == 'quantize' else 'tasks'}")
+        produced.add(stage)
+
+
+NEEDS_DATA = ("pretrain", "sft", "reward", "ppo", "dpo")
+
+
+def plan(recipe: Recipe, force: bool = False, stages: list[str] | None = None
+         ) -> list[tuple[str, str | None]]:
+    """(stage, reason to run it or None to skip) for each stage, in pipeline order. A stage
+    after one that runs runs too when it reads that one's output."""
+    out, rerun = [], set()
+    for stage in stages or recipe.stages():
+        reason = "--force" if force else why_stale(recipe, stage)
+        if reason is None:
+            upstream = [stage_of_path(p, recipe.run_dir) for p in recipe.input_paths(stage)]
+            hit = next((u for u in upstream if u in rerun), None)
+            if hit:
+                reason = f"{hit} runs first"
+        if reason is not None:
+            rerun.add(stage)
+        out.append((stage, reason))
+    return out
 
 
 def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None) -> dict[str, str]:
     """Run the recipe's stages in PIPELINE order; returns stage -> "ran" | "skipped"."""
     outcome = {}
-    for stage in stages or recipe.stages():
-        assert stage in PIPELINE
-        reason = "--force" if force else why_stale(recipe, stage)
-        if reason is None:
-            console.print(f"[dim]llmctl {stage}: up to date, skipped[/]")
-            outcome[stage] = "skipped"
-            continue
-        console.print(f"[dim]llmctl {stage}: running ({reason})[/]", soft_wrap=True)
-        run_stage(recipe, stage)
-        outcome[stage] = "ran"
+    with run_dir_lock(recipe.run_dir):
+        steps = plan(recipe, force, stages)
+        preflight(recipe, [s for s, reason in steps if reason is not None])
+        for stage, _ in steps:
+            assert stage in PIPELINE
+            reason = "--force" if force else why_stale(recipe, stage)  # an upstream may have run
+            if reason is None:
+                console.print(f"[dim]llmctl {stage}: up to date, skipped[/]")
+                outcome[stage] = "skipped"
+                continue
+            console.print(f"[dim]llmctl {stage}: running ({reason})[/]", soft_wrap=True)
+            run_stage(recipe, stage)
+            outcome[stage] = "ran"
     return outcome

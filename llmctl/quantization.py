@@ -45,22 +45,8 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 
 def check_supported(backend: str, method: str, bits: int) -> None:
-    """Exit 2 before any work for a combination this machine or the pinned set cannot run."""
-    if backend == "inc" and method not in INC_METHODS:
-        raise UserError(
-            f"quantize.method: {method!r} is not available with backend \"inc\": neural-compressor "
-            f"3.x runs dynamic/static INT8 and SmoothQuant through a PT2E graph export that "
-            f"cannot drive generate(); use backend = \"torch\", method = \"dynamic\" (the INT8 "
-            f"kernels INC 2.x used), backend = \"openvino\", method = \"static\" (static INT8 "
-            f"with SmoothQuant), or one of {', '.join(INC_METHODS)}")
-    if backend == "torch" and (method != "dynamic" or bits != 8):
-        raise UserError("quantize.method: backend \"torch\" does dynamic INT8 only "
-                        "(method = \"dynamic\", bits = 8)")
-    if backend == "openvino" and method not in ("weight", "static"):
-        raise UserError("quantize.method: backend \"openvino\" does weight compression "
-                        "(method = \"weight\", bits = 8 or 4) or full INT8 (method = \"static\")")
-    if backend == "openvino" and method == "static" and bits != 8:
-        raise UserError("quantize.bits: openvino static quantization is INT8 (bits = 8)")
+    """Exit 2 before any work for a backend this machine or install cannot run (which methods
+    and bits each backend takes is checked when the recipe loads: ``recipe.QuantizeConfig``)."""
     if backend == "bnb":
         if not torch.cuda.is_available():
             raise UserError("quantize.backend: \"bnb\" (bitsandbytes) needs a CUDA GPU; on CPU "

@@ -5,11 +5,18 @@ directory given its ``manifest.json`` and moved to ``<run_dir>/<stage>/`` with o
 
 * a downstream stage never mistakes work in progress for a finished output;
 * a killed stage leaves its checkpoints in ``.partial`` and the next identical command resumes;
-* a failing rerun never damages the previous finished output.
+* a rerun with a changed config keeps the interrupted run's checkpoints aside
+  (``.partial/<stage>.superseded``) until it has saved a checkpoint of its own;
+* a failing rerun never damages the previous finished output;
+* llmctl only ever replaces a ``<run_dir>/<stage>/`` that holds an llmctl manifest of that stage;
+* one llmctl process at a time works in a run directory (:func:`run_dir_lock`);
+* paths inside the run directory are recorded relative to it, so it can be moved or copied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,16 +25,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmctl import distributed
 from llmctl.errors import UserError
+from llmctl.fingerprint import model_fingerprint, path_fingerprint
+from llmctl.paths import is_local, is_remote, looks_local  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
+LOCK = ".llmctl.lock"
+BASE_FINGERPRINT = "base_fingerprint.json"  # next to an adapter's adapter_config.json
 TRACKED_PACKAGES = (
     "llmctl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deeplake",
     "tokenizers", "lm-eval", "neural-compressor", "optimum-intel", "openvino", "bitsandbytes",
 )
+# The stage that is running in this process: what an interrupt reports on.
+ACTIVE: "StageRun | None" = None
+
+
+def _say(message: str) -> None:
+    from llmctl.progress import console
+
+    console.print(message, soft_wrap=True)
 
 
 def now_iso() -> str:
@@ -73,9 +92,115 @@ def require_input(path: str, key: str) -> None:
         raise UserError(f"{key}: {path} does not exist (run the upstream stage first?)")
 
 
-def looks_local(path: str) -> bool:
-    """Hub ids look like 'gpt2' or 'org/name'; a path with more parts or a leading ./ is local."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1
+def stage_dir_owner(path: Path) -> str | None:
+    """The stage whose llmctl manifest a directory holds, or None for anything else."""
+    manifest = read_manifest(path)
+    return manifest.get("stage") if isinstance(manifest, dict) else None
+
+
+def check_replaceable(final_dir: Path, stage: str) -> None:
+    """llmctl replaces ``<run_dir>/<stage>/`` only when it wrote it: exit 2 for anything else
+    (a user's own ``bench/`` folder in a project used as ``--run-dir .``)."""
+    if final_dir.exists() and stage_dir_owner(final_dir) != stage:
+        what = "a file" if not final_dir.is_dir() else "a directory llmctl did not write"
+        raise UserError(f"{final_dir}: {what} (no llmctl manifest of stage '{stage}'); "
+                        f"llmctl will not replace it: move it away or use another --run-dir")
+
+
+# -- one process per run directory --------------------------------------------------------
+
+_HELD: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth)
+LOCK_ENV = "LLMCTL_RUN_DIR_LOCKED"  # set for processes we launch (torchrun ranks): ours
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory for the whole command.
+
+    ``flock`` on ``<run_dir>/.llmctl.lock``: the kernel releases it when the process ends, however
+    it ends, so a killed run never leaves a lock that blocks the next one. Re-entrant within a
+    process; processes this one launches (``LLMCTL_RUN_DIR_LOCKED``) share its lock.
+    """
+    import fcntl
+
+    key = str(Path(run_dir).resolve())
+    if key in _HELD or os.environ.get(LOCK_ENV) == key:
+        fd, depth = _HELD.get(key, (-1, 0))
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    created = not Path(run_dir).exists()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    lock_path = Path(run_dir) / LOCK
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise UserError(f"{run_dir}: in use by {holder}; wait for it to finish or use "
+                                f"another --run-dir") from None
+            raise
+        # The holder before us may have removed the file (see below): lock the one on disk.
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} (llmctl, since {now_iso()})\n".encode(), 0)
+    _HELD[key] = (fd, 1)
+    old_env = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = key
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        if old_env is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = old_env
+        os.ftruncate(fd, 0)
+        # A command that failed before writing anything leaves no run directory behind.
+        if created and [p.name for p in Path(run_dir).iterdir()] == [LOCK]:
+            lock_path.unlink()
+            Path(run_dir).rmdir()
+        os.close(fd)  # releases the flock
+
+
+# -- one stage execution -------------------------------------------------------------------
+
+
+def stage_of_path(path: str | Path, run_dir: Path) -> str | None:
+    """``sft`` for ``<run_dir>/sft/adapter``: the stage whose output a path is, if any."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] if len(rel.parts) > 1 and not rel.parts[0].startswith(".") else None
+
+
+def input_fingerprints(recipe, stage: str) -> dict[str, dict[str, Any]]:
+    """What each input looked like when a stage started: an upstream stage by its manifest
+    (when it finished, with which config), anything else local by its content
+    (``fingerprint.path_fingerprint``). Keyed by the path as stage hashes write it."""
+    out = {}
+    for path in recipe.input_paths(stage):
+        if not is_local(path):
+            continue
+        upstream = stage_of_path(path, recipe.run_dir)
+        manifest = read_manifest(recipe.run_dir / upstream) if upstream else None
+        if manifest and manifest.get("status") == "complete":
+            out[recipe.normalize_path(path)] = {
+                "stage": upstream, "finished_at": manifest.get("finished_at"),
+                "config_hash": manifest.get("config_hash")}
+        elif (found := path_fingerprint(path)) is not None:
+            out[recipe.normalize_path(path)] = found
+    return out
 
 
 @dataclass
@@ -88,42 +213,91 @@ class StageRun:
     seed: int
     recipe: dict[str, Any]
     inputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # what config_hash is the hash of
+    input_fingerprints: dict[str, Any] = field(default_factory=dict)
     started_at: str = field(default_factory=now_iso)
     # Under torchrun / accelerate launch only rank 0 writes; the others train and return.
     is_main_process: bool = field(default_factory=distributed.is_main_process)
+
+    @classmethod
+    def start(cls, recipe, stage: str, inputs: dict[str, str]) -> "StageRun":
+        """Begin ``stage`` of ``recipe``: hash its config, fingerprint its inputs, take the
+        work directory. Call it once every input is validated and loaded."""
+        config = recipe.hashed_config(stage)
+        from llmctl.recipe import config_hash
+
+        return cls(recipe.run_dir, stage, config_hash(config), recipe.run.seed,
+                   recipe.stage_config(stage).model_dump(),
+                   {k: recipe.normalize_path(v) for k, v in inputs.items()}, config,
+                   input_fingerprints(recipe, stage)).begin()
 
     def __post_init__(self) -> None:
         self.tracking: dict[str, str] = {}  # tracker and run name, when a Trainer logs to one
         self.run_dir = Path(self.run_dir)
         self.final_dir = self.run_dir / self.stage
         self.work_dir = self.run_dir / ".partial" / self.stage
+        self.superseded_dir = self.run_dir / ".partial" / f"{self.stage}.superseded"
         self._t0 = time.time()
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.work_dir / "checkpoints"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Scratch space (a datasets Arrow cache): removed when the stage is published."""
+        return self.run_dir / ".partial" / f"{self.stage}.cache"
+
     def begin(self) -> "StageRun":
-        """Create (or reuse, when the config is unchanged) the work directory."""
-        stamp = self.work_dir / "config_hash"
-        if self.work_dir.exists():
-            if not stamp.exists() or stamp.read_text() != self.config_hash:
-                if self.is_main_process:
-                    shutil.rmtree(self.work_dir)  # leftovers of a different config: start over
+        """Create (or reuse, when the config is unchanged) the work directory.
+
+        Work left by an interrupted run with another config is moved aside, not deleted: it
+        is discarded once this run has saved a checkpoint of its own (or finished), and
+        restored if the old config comes back first.
+        """
+        global ACTIVE
+        check_replaceable(self.final_dir, self.stage)
         if self.is_main_process:
+            found = _read_stamp(self.work_dir)
+            if self.work_dir.exists() and found.get("config_hash") != self.config_hash:
+                self._set_aside(found)
+            if not self.work_dir.exists() and \
+                    _read_stamp(self.superseded_dir).get("config_hash") == self.config_hash:
+                os.replace(self.superseded_dir, self.work_dir)
+                _say(f"  {self.stage}: the interrupted run kept aside has this config again: "
+                     f"resuming it")
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(self.config_hash)
+            _write_json(self.work_dir / STAMP, {"config_hash": self.config_hash,
+                                                "config": self.config})
         distributed.barrier()  # from here every rank sees the same work dir and checkpoints
+        ACTIVE = self
         return self
 
+    def _set_aside(self, found: dict[str, Any]) -> None:
+        if not self.last_checkpoint():
+            shutil.rmtree(self.work_dir)  # nothing resumable in it
+            return
+        if self.superseded_dir.exists():
+            shutil.rmtree(self.superseded_dir)  # older still than the one set aside now
+        os.replace(self.work_dir, self.superseded_dir)
+        from llmctl.recipe import describe_changes
+
+        change = describe_changes(found["config"], self.config) if "config" in found else ""
+        _say(f"  {self.stage}: config changed since the interrupted run"
+             f"{f' ({change})' if change else ''}; its "
+             f"{Path(_last_checkpoint(self.superseded_dir / 'checkpoints')).name} is kept in "
+             f"{self.superseded_dir} until this run saves its first checkpoint")
+
+    def discard_superseded(self) -> None:
+        """The interrupted run's checkpoints are no longer needed: this run has its own."""
+        if self.is_main_process and self.superseded_dir.exists():
+            ckpt = _last_checkpoint(self.superseded_dir / "checkpoints")
+            shutil.rmtree(self.superseded_dir)
+            _say(f"  {self.stage}: discarded the interrupted run's "
+                 f"{Path(ckpt).name if ckpt else 'work'} (config had changed)")
+
     def last_checkpoint(self) -> str | None:
-        if not self.checkpoint_dir.is_dir():
-            return None
-        ckpts = [p for p in self.checkpoint_dir.glob("checkpoint-*")
-                 if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-        if not ckpts:
-            return None
-        return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+        return _last_checkpoint(self.checkpoint_dir)
 
     def path(self, name: str) -> Path:
         return self.work_dir / name
@@ -131,14 +305,24 @@ class StageRun:
     def finish(self, metrics: dict[str, float], outputs: dict[str, str],
                keep_checkpoints: bool = False, extra: dict[str, Any] | None = None) -> Path:
         """Write the manifest and publish the stage directory atomically."""
+        global ACTIVE
         if not self.is_main_process:
+            ACTIVE = None
             return self.final_dir
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"metric {key} is not a number: {value!r}")
-        if not keep_checkpoints and self.checkpoint_dir.exists():
-            shutil.rmtree(self.checkpoint_dir)
-        (self.work_dir / "config_hash").unlink(missing_ok=True)
+        check_replaceable(self.final_dir, self.stage)
+        if self.tracking.get("dir") and self.path(self.tracking["dir"]).exists():
+            outputs = {**outputs, "tracking": self.tracking["dir"]}
+        if keep_checkpoints:
+            outputs = {**outputs, "checkpoints": "checkpoints"}
+        self._keep_only(outputs)
+        extra = dict(extra or {})
+        for name in outputs.values():
+            if (self.path(name) / "adapter_config.json").is_file():
+                extra.update(portable_adapter(self.path(name), self.final_dir / name,
+                                              self.run_dir))
         manifest = {
             "stage": self.stage,
             "status": "complete",
@@ -153,11 +337,10 @@ class StageRun:
             "versions": package_versions(),
             "metrics": metrics,
             **({"tracking": self.tracking} if self.tracking else {}),
-            **(extra or {}),
+            **extra,
+            "fingerprint": {"config": self.config, "inputs": self.input_fingerprints},
         }
-        tmp = self.work_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        os.replace(tmp, self.work_dir / MANIFEST)
+        _write_json(self.work_dir / MANIFEST, manifest)
         # Swap in: the old output (if any) is moved aside first, then removed once the new one is
         # in place, so a crash between the two renames leaves either the old or the new stage.
         trash = None
@@ -165,6 +348,75 @@ class StageRun:
             trash = self.run_dir / ".partial" / f"{self.stage}.old-{int(time.time())}"
             os.replace(self.final_dir, trash)
         os.replace(self.work_dir, self.final_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        self.discard_superseded()
+        for leftover in (trash, self.cache_dir):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.run_dir / ".partial").rmdir()  # only when empty
+        ACTIVE = None
         return self.final_dir
+
+    def _keep_only(self, outputs: dict[str, str]) -> None:
+        """A published stage holds its manifest and the outputs it lists, nothing else."""
+        listed = {Path(rel).parts[0] for rel in outputs.values()}
+        for entry in self.work_dir.iterdir():
+            if entry.name in listed:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+STAMP = "stage_config.json"
+
+
+def _read_stamp(work_dir: Path) -> dict[str, Any]:
+    try:
+        found = json.loads((work_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _last_checkpoint(checkpoint_dir: Path) -> str | None:
+    if not checkpoint_dir.is_dir():
+        return None
+    ckpts = [p for p in checkpoint_dir.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    if not ckpts:
+        return None
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def portable_adapter(adapter_dir: Path, final_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """Make a saved LoRA adapter independent of where its run directory lives, and say which
+    base it fits.
+
+    peft records the base as the path it was loaded from; a base inside the run directory is
+    rewritten relative to the adapter's published location (``../../pretrain/model``), so
+    ``mv runs/a runs/b`` keeps adapter and base together. ``base_fingerprint.json`` holds the
+    base's config and weights digests; loading the adapter on another base is an error.
+    """
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    base = config.get("base_model_name_or_path") or ""
+    found = None
+    if is_local(base) and Path(base).exists():
+        found = model_fingerprint(base)
+        resolved = Path(base).resolve()
+        if resolved.is_relative_to(Path(run_dir).resolve()):
+            config["base_model_name_or_path"] = os.path.relpath(resolved,
+                                                                Path(final_dir).resolve())
+            _write_json(config_path, config)
+    record = {"base_model_name_or_path": config.get("base_model_name_or_path"),
+              "fingerprint": found}
+    _write_json(adapter_dir / BASE_FINGERPRINT, record)
+    return {"base_model": record["base_model_name_or_path"], "base_fingerprint": found}

@@ -83,7 +83,19 @@ def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
     start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
+    trainer.add_callback(DiscardSuperseded(stage))
     return trainer.train(resume_from_checkpoint=checkpoint), start_step
+
+
+class DiscardSuperseded(TrainerCallback):
+    """Once this run has saved a checkpoint, an interrupted run's checkpoints with another
+    config (kept aside by ``StageRun.begin``) are no longer the only way to resume."""
+
+    def __init__(self, stage: StageRun):
+        self.stage = stage
+
+    def on_save(self, args, state, control, **kwargs):
+        self.stage.discard_superseded()
 
 
 def loss_first_last(log_history: list[dict]) -> tuple[float, float]:

@@ -153,8 +153,8 @@ def quality(args) -> dict:
     results = {}
     for variant in args.variants:
         model = build(variant, fp_model, source_dir, calibration)
-        acc = lm_eval_tasks("", ["demo_sentiment"], task_path, batch_size=8, model=model,
-                            tokenizer=tokenizer)["demo_sentiment"]["acc"]
+        acc = lm_eval_tasks(model, tokenizer, ["demo_sentiment"], task_path,
+                            batch_size=8)["demo_sentiment"]["acc"]
         results[variant] = {"perplexity": perplexity(model, blocks), "acc": acc}
     base = results["fp32 eager"]
     for r in results.values():

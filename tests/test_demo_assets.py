@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import random
 import re
 from pathlib import Path
@@ -49,13 +50,21 @@ def column(path: str, name: str) -> list[str]:
     return ds[0:len(ds)][name]
 
 
-def test_manifest_lists_every_asset_by_absolute_path(assets):
+def test_manifest_lists_every_asset_relative_to_its_directory(assets, tmp_path):
     assert set(assets) == set(DATASET_COLUMNS) | {"tokenizer", "reward_tokenizer", "configs",
                                                   "lm_tasks"}
+    root = Path(assets["corpus"]).parent
     for path in assets.values():
         assert Path(path).is_absolute() and Path(path).exists()
-    manifest = json.loads((Path(assets["corpus"]).parent / "ASSETS.json").read_text())
-    assert manifest == {"seed": 0, "version": ASSETS_VERSION, "paths": assets}
+    manifest = json.loads((root / "ASSETS.json").read_text())
+    assert manifest["seed"] == 0 and manifest["version"] == ASSETS_VERSION
+    assert {k: str(root / v) for k, v in manifest["paths"].items()} == assets
+    # Moved elsewhere, the assets are still built: nothing in them names the old place.
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    before = (moved / "ASSETS.json").stat().st_mtime_ns
+    assert build_assets(moved, seed=0) == {k: str(moved / v) for k, v in manifest["paths"].items()}
+    assert (moved / "ASSETS.json").stat().st_mtime_ns == before
 
 
 def test_second_build_with_same_seed_is_skipped(assets):

@@ -134,13 +134,38 @@ def test_course_gpt2_sizes():
         assert round(count_params(model) / 1e6, 1) == millions
 
 
-def test_repo_recipes_dry_run(capsys):
-    """Every shipped recipe validates and resolves its stage inputs with `llmctl run --dry-run`."""
+def test_repo_recipes_dry_run(capsys, tmp_path, monkeypatch, assets, pretrained_model):
+    """Every shipped recipe validates and resolves its stage inputs with `llmctl run --dry-run`;
+    recipes that build on another run's outputs (`llmctl demo`, the SFT recipe a DPO recipe
+    continues) do once those exist, and name what is missing before."""
+    import re
     from pathlib import Path
 
     from tests.conftest import run_cli
 
-    for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.toml")):
+    monkeypatch.chdir(tmp_path)  # recipes name runs/... relative to the working directory
+    recipes = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.toml"))
+    upstream = {p: set(re.findall(r'"(runs/[^"]+)"', p.read_text())) for p in recipes}
+    assert upstream[Path(__file__).parents[1] / "recipes" / "demo-dpo.toml"]
+    for path, needed in upstream.items():
+        if needed:
+            code, _, err = run_cli(["run", path, "--dry-run"], capsys)
+            assert code == 2 and "does not exist" in err and \
+                any(n in err for n in needed), (path, err)
+    # What those runs would have left: demo assets, and finished stages with a model.
+    for needed in set().union(*upstream.values()):
+        target = tmp_path / needed
+        if target.exists():
+            continue
+        if needed.startswith("runs/demo/assets/"):
+            (tmp_path / "runs/demo").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "runs/demo/assets").symlink_to(Path(assets["corpus"]).parent)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(pretrained_model)
+        (target.parent / "manifest.json").write_text(
+            json.dumps({"stage": target.parent.name, "status": "complete"}))
+    for path in recipes:
         code, out, err = run_cli(["run", path, "--dry-run"], capsys)
         assert code == 0, f"{path}: {err}"
         assert json.loads(out)["stages"], path

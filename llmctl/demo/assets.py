@@ -73,7 +73,8 @@ MODEL_MAX_LENGTH = 1024
 
 def build_assets(dest: Path, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Build everything under dest/ (skip if dest/ASSETS.json exists with the same seed and version,
-    unless force). Returns name->absolute path, also written to dest/ASSETS.json."""
+    unless force). Returns name->absolute path; dest/ASSETS.json records them relative to dest,
+    so a moved run directory keeps its assets."""
     dest = Path(dest).resolve()
     paths = {name: str(dest / rel) for name, rel in LAYOUT.items()}
     manifest = dest / MANIFEST
@@ -119,7 +120,7 @@ def build_assets(dest: Path, seed: int = 0, force: bool = False) -> dict[str, st
     train_wordpiece_tokenizer(Path(paths["reward_tokenizer"]), list(_instruction_texts(datasets)))
     write_configs(Path(paths["configs"]))
 
-    manifest.write_text(json.dumps({"seed": seed, "version": ASSETS_VERSION, "paths": paths},
+    manifest.write_text(json.dumps({"seed": seed, "version": ASSETS_VERSION, "paths": LAYOUT},
                                    indent=2) + "\n")
     return paths
 
@@ -130,7 +131,7 @@ def _is_built(manifest: Path, seed: int, paths: dict[str, str]) -> bool:
     except (OSError, ValueError):
         return False
     return (built.get("seed") == seed and built.get("version") == ASSETS_VERSION
-            and built.get("paths") == paths and all(Path(p).exists() for p in paths.values()))
+            and built.get("paths") == LAYOUT and all(Path(p).exists() for p in paths.values()))
 
 
 def _rng(seed: int, purpose: str) -> random.Random:

@@ -20,7 +20,7 @@ from transformers import set_seed
 from llmctl.data import heldout_blocks
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
-from llmctl.models import device, is_adapter_dir, load_causal_lm, load_tokenizer
+from llmctl.models import device, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
 from llmctl.quantization import is_quantized_dir, weight_bytes
 from llmctl.recipe import BenchConfig, Recipe
@@ -39,8 +39,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_header("bench", f"{', '.join(models)}: {', '.join(cfg.tasks) or 'no lm-eval tasks'}"
                           f"{', perplexity' if source else ''}"
                           f"{', latency' if cfg.latency.runs else ''}")
-    stage = StageRun(run_dir, "bench", recipe.stage_hash("bench"), recipe.run.seed,
-                     cfg.model_dump(), models).begin()
+    stage = StageRun.start(recipe, "bench", models)
 
     report = {"device": str(device()), "models": {}}
     for label, path in models.items():
@@ -63,18 +62,13 @@ def bench_model(recipe: Recipe, cfg: BenchConfig, source, path: str) -> dict:
     entry: dict = {"path": path}
     if looks_local(path):
         entry["size_bytes"] = weight_bytes(path)
-    # The harness loads a plain model directory or hub id itself (as `lm_eval --model hf` would);
-    # adapters and quantized models go in loaded.
-    plain = not (is_adapter_dir(path) or is_quantized_dir(path))
-    needs_model = not plain or source is not None or cfg.latency.runs > 0
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
-    model = load_causal_lm(path, recipe.model).eval() if needs_model else None
-    if model is not None and hasattr(model, "to") and not is_quantized_dir(path):
+    model = load_causal_lm(path, recipe.model).eval()
+    if hasattr(model, "to") and not is_quantized_dir(path):
         model = model.to(device())
     if cfg.tasks:
-        entry["tasks"] = lm_eval_tasks(path, cfg.tasks, cfg.task_path, cfg.num_fewshot, cfg.limit,
-                                       cfg.batch_size, model=None if plain else model,
-                                       tokenizer=tokenizer)
+        entry["tasks"] = lm_eval_tasks(model, tokenizer, cfg.tasks, cfg.task_path,
+                                       cfg.num_fewshot, cfg.limit, cfg.batch_size)
         for task, values in entry["tasks"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "stderr" not in k)
             console.print(f"    {task}: {shown}")

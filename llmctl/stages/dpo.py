@@ -44,9 +44,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_header("dpo", f"{cfg.method} on {inputs['model']}: {len(train_split):,} pairs, "
                         f"beta {cfg.beta}, loss {cfg.loss_type}")
 
-    stage = StageRun(run_dir, "dpo", recipe.stage_hash("dpo"), recipe.run.seed, cfg.model_dump(),
-                     inputs).begin()
-    cache = str(stage.path("datasets"))
+    stage = StageRun.start(recipe, "dpo", inputs)
+    cache = str(stage.cache_dir)
     args = training_args(cfg, stage, recipe,
                          args_cls=TrlDPOConfig, beta=cfg.beta, loss_type=[cfg.loss_type],
                          max_length=cfg.max_length)

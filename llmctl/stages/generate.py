@@ -18,9 +18,9 @@ from transformers import GenerationConfig, set_seed
 
 from llmctl.data import Template
 from llmctl.errors import UserError
-from llmctl.models import device, load_causal_lm, load_tokenizer
+from llmctl.models import device, load_causal_lm, load_tokenizer, max_positions
 from llmctl.progress import stage_header
-from llmctl.recipe import GenerateConfig, Recipe
+from llmctl.recipe import GenerateConfig, Recipe, read_text
 from llmctl.rundir import StageRun, require_input
 
 
@@ -37,8 +37,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     template = Template.get(cfg.template) if cfg.template else None
     texts = [apply_template(template, p) for p in prompts]
-    stage = StageRun(run_dir, "generate", recipe.stage_hash("generate"), recipe.run.seed,
-                     cfg.model_dump(), inputs).begin()
+    check_lengths(model, tokenizer, texts, cfg)
+    stage = StageRun.start(recipe, "generate", inputs)
     t0 = time.perf_counter()
     results, new_tokens = [], 0
     for prompt, text in zip(prompts, texts):
@@ -62,15 +62,45 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise UserError(f"generate.prompts_file: {path} not found")
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
         if path.suffix == ".jsonl":
-            prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
+            prompts += [jsonl_prompt(line, f"{path}:{n}")
+                        for n, line in enumerate(lines, 1) if line.strip()]
         else:
             prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise UserError("generate.prompts: no prompts (give --prompt, generate.prompts or "
                         "generate.prompts_file)")
     return prompts
+
+
+def jsonl_prompt(line: str, where: str) -> str:
+    """The prompt of one JSONL line: its "prompt" string, or an object of template fields."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: invalid JSON: {err.msg}") from None
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise UserError(f"{where}: no \"prompt\" key (each line: {{\"prompt\": \"...\"}})")
+    prompt = row["prompt"]
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+def check_lengths(model, tokenizer, texts: list[str], cfg: GenerateConfig) -> None:
+    """Exit 2 before generating when a prompt, or prompt plus max_new_tokens, does not fit the
+    model's positions (past them a model indexes outside its position table)."""
+    positions = max_positions(model)
+    if positions is None:
+        return
+    for i, text in enumerate(texts):
+        n = len(tokenizer(text, return_token_type_ids=False)["input_ids"])
+        if n >= positions:
+            raise UserError(f"generate.prompts[{i}]: {n} tokens, longer than the model's "
+                            f"{positions} positions")
+        if n + cfg.max_new_tokens > positions:
+            raise UserError(f"generate.max_new_tokens: {cfg.max_new_tokens} new tokens after "
+                            f"prompt {i}'s {n} tokens exceed the model's {positions} positions "
+                            f"(at most {positions - n})")
 
 
 def apply_template(template: Template | None, prompt: str) -> str:

@@ -13,8 +13,8 @@ from peft import PeftModel
 from transformers import set_seed
 
 from llmctl.errors import StageFailed, UserError
-from llmctl.models import adapter_base, count_params, is_adapter_dir, load_causal_lm, \
-    load_tokenizer, save_model, torch_dtype
+from llmctl.models import adapter_base, check_adapter_base, count_params, is_adapter_dir, \
+    load_causal_lm, load_tokenizer, save_model, torch_dtype
 from llmctl.progress import console, stage_header
 from llmctl.recipe import MergeConfig, Recipe
 from llmctl.rundir import StageRun, require_input
@@ -39,6 +39,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     base_path = cfg.base or adapter_base(adapter)
     require_input(base_path, "merge.base" if cfg.base else f"{adapter}/adapter_config.json: "
                                                             f"base_model_name_or_path")
+    check_adapter_base(adapter, base_path, "merge.base" if cfg.base else
+                       f"{adapter}/adapter_config.json: base", cfg.allow_other_base)
     inputs["base"] = base_path
     stage_header("merge", f"{adapter} into {base_path}")
 
@@ -65,8 +67,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         raise StageFailed(f"merge: merged model differs from base+adapter by {max_diff:.3g} "
                           f"> merge.tolerance {cfg.tolerance:g}; nothing was saved")
 
-    stage = StageRun(run_dir, "merge", recipe.stage_hash("merge"), recipe.run.seed,
-                     cfg.model_dump(), inputs).begin()
+    stage = StageRun.start(recipe, "merge", inputs)
     dtype = torch_dtype(cfg.dtype if cfg.dtype != "auto" else recipe.model.dtype)
     if dtype != "auto":
         merged = merged.to(dtype)

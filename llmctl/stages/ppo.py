@@ -33,7 +33,7 @@ from llmctl.models import device, load_causal_lm, load_classifier, load_tokenize
 from llmctl.progress import console, save_loss_curve, stage_header
 from llmctl.recipe import PpoConfig, Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import show_progress
+from llmctl.training import DiscardSuperseded, show_progress
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -70,8 +70,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     train_ds = tokenize_queries(train_queries, tokenizer, cfg.query_max_length)
 
     rewards_before = sampled_rewards(policy, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
-    stage = StageRun(run_dir, "ppo", recipe.stage_hash("ppo"), recipe.run.seed, cfg.model_dump(),
-                     inputs).begin()
+    stage = StageRun.start(recipe, "ppo", inputs)
     precision = resolve_precision(cfg.precision)
     args = PPOConfig(
         output_dir=str(stage.checkpoint_dir), seed=recipe.run.seed, run_name=f"{recipe.run.name}-ppo",
@@ -99,6 +98,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     checkpoint = stage.last_checkpoint()
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
+    trainer.add_callback(DiscardSuperseded(stage))
     trainer.train_from(checkpoint)
     policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
     rewards_after = sampled_rewards(policy_model, tokenizer, eval_queries, text_reward, cfg,

@@ -62,8 +62,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     console.print(f"  data: {len(train_split):,} train rows, {len(eval_blocks):,} eval blocks of "
                   f"{cfg.seq_len} tokens; {max_steps:,} steps of {tokens_per_step:,} tokens")
 
-    stage = StageRun(run_dir, "pretrain", recipe.stage_hash("pretrain"), recipe.run.seed,
-                     cfg.model_dump(), inputs).begin()
+    stage = StageRun.start(recipe, "pretrain", inputs)
     args = training_args(cfg, stage, recipe,
                          max_steps=max_steps)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks,

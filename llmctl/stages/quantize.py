@@ -44,8 +44,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                              f"{metric_name} within {cfg.tolerable_loss:.1%}, "
                              f"at most {len(trials)} trial(s)")
 
-    stage = StageRun(run_dir, "quantize", recipe.stage_hash("quantize"), recipe.run.seed,
-                     cfg.model_dump(), inputs).begin()
+    stage = StageRun.start(recipe, "quantize", inputs)
     source_dir = inputs["model"]
     if is_adapter_dir(source_dir) or not Path(source_dir).is_dir():
         # Backends that export from disk (OpenVINO, GPTQ) need the merged fp model as a directory.
@@ -117,8 +116,8 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
     check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
     def task_score(model) -> float:
-        results = lm_eval_tasks("", [cfg.task], cfg.task_path, limit=cfg.limit,
-                                batch_size=cfg.eval_batch_size, model=model, tokenizer=tokenizer)
+        results = lm_eval_tasks(model, tokenizer, [cfg.task], cfg.task_path, limit=cfg.limit,
+                                batch_size=cfg.eval_batch_size)
         if cfg.task_metric not in results[cfg.task]:
             raise UserError(f"quantize.task_metric: {cfg.task} reports no {cfg.task_metric!r} "
                             f"(it has {', '.join(sorted(results[cfg.task]))})")

@@ -57,9 +57,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_header("reward", f"{origin} ({human_count(count_params(model))} params), "
                            f"{len(train_split):,} pairs")
 
-    stage = StageRun(run_dir, "reward", recipe.stage_hash("reward"), recipe.run.seed,
-                     cfg.model_dump(), inputs).begin()
-    cache = str(stage.path("datasets"))
+    stage = StageRun.start(recipe, "reward", inputs)
+    cache = str(stage.cache_dir)
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache),
                                   tokenizer, cfg.max_length)

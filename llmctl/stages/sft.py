@@ -18,7 +18,8 @@ from llmctl import distributed
 from llmctl.data import Template, hf_dataset, open_split
 from llmctl.errors import UserError
 from llmctl.evaluation import candidate_labels, label_accuracy
-from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
+from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, \
+    max_positions
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
@@ -46,6 +47,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     # -- model ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(inputs["model"], recipe.model)
     model = load_base_model(inputs["model"], recipe, cfg)
+    positions = max_positions(model)
+    if cfg.packing and positions is not None and cfg.seq_len > positions:
+        raise UserError(f"{recipe.source}: sft.seq_len: {cfg.seq_len} exceeds the model's "
+                        f"{positions} positions (packing fills every block to seq_len)")
     peft_config = lora_config(cfg.lora, model, "sft.lora") if cfg.method != "full" else None
     stage_header("sft", f"{cfg.method} on {inputs['model']}: {len(train_split):,} train rows, "
                         f"{len(eval_split):,} eval rows")
@@ -54,9 +59,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     labels = candidate_labels(eval_rows, template) if cfg.eval_task else None
     accuracy_before = label_accuracy(model, tokenizer, eval_rows, template, labels) if labels else None
 
-    stage = StageRun(run_dir, "sft", recipe.stage_hash("sft"), recipe.run.seed, cfg.model_dump(),
-                     inputs).begin()
-    cache = str(stage.path("datasets"))
+    stage = StageRun.start(recipe, "sft", inputs)
+    cache = str(stage.cache_dir)
     layout = "prompt_completion" if cfg.completion_only_loss else "text"
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, layout, cache)
@@ -110,9 +114,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         console.print(f"  label accuracy on {len(eval_rows)} held-out rows: "
                       f"{accuracy_before:.3f} before -> {accuracy_after:.3f} after "
                       f"(chance {1 / len(labels):.3f})")
-    stage.finish(metrics, {output: output, **logs},
-                 extra={"base_model": str(Path(inputs["model"]).resolve())
-                        if Path(inputs["model"]).exists() else inputs["model"]})
+    stage.finish(metrics, {output: output, **logs})
     return metrics
 
 

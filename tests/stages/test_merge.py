@@ -28,7 +28,7 @@ def test_merge_round_trip(sft_run, capsys):
     assert code == 0, err
     m = manifest(run_dir / "merge")
     assert m["metrics"]["max_abs_logit_diff"] <= 1e-3
-    assert m["inputs"]["adapter"] == str(run_dir / "sft" / "adapter")
+    assert m["inputs"]["adapter"] == "$RUN/sft/adapter"  # portable: relative to the run dir
     merged_dir = run_dir / "merge" / "model"
     assert (merged_dir / "model.safetensors").exists()
     assert not (merged_dir / "adapter_config.json").exists()

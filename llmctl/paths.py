@@ -1,0 +1,28 @@
+"""What a path-like string in a recipe is: a local path, a hub id or a remote dataset URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REMOTE_SCHEMES = ("hub://", "al://", "s3://", "gcs://", "gs://", "azure://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def looks_local(path: str) -> bool:
+    """Hub ids look like 'gpt2' or 'org/name'; a path with more parts or a leading ./ is local.
+    An 'org/name' whose first part is a local directory is a local path too."""
+    if is_remote(path) or path.startswith("mem://"):
+        return False
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def is_local(path: str) -> bool:
+    """A path on this machine (existing, or written as one): not a hub id or remote URL."""
+    if is_remote(path) or path.startswith("mem://"):
+        return False
+    return looks_local(path) or Path(path).exists()
