@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -373,27 +374,44 @@ def write_dataset(dest: str, records: list[dict[str, Any]], message: str,
     for i, rec in enumerate(records):
         if list(rec) != names and set(rec) != set(names):
             raise UserError(f"record {i}: columns {sorted(rec)} differ from {sorted(names)}")
-    if not is_remote(dest) and not dest.startswith("mem://") and Path(dest).exists():
+    local = not is_remote(dest) and not dest.startswith("mem://")
+    if local and Path(dest).exists():
         if not overwrite:
             raise UserError(f"{dest}: already exists (pass --overwrite to replace it)")
         # --overwrite replaces a dataset, never anything else that happens to live there.
         if not Path(dest).is_dir() or not deeplake.exists(dest):
             raise UserError(f"{dest}: exists and is not a Deep Lake dataset; llmctl will not "
                             f"delete it (choose another --to)")
-        import shutil
+    if not local:
+        _fill(deeplake.create(dest, token=_token()) if is_remote(dest) else deeplake.create(dest),
+              names, records, message)
+        return len(records)
+    # Written beside the destination and swapped in: a failed ingest leaves the old dataset.
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.ingest-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _fill(deeplake.create(str(staging)), names, records, message)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(records)
 
-        shutil.rmtree(dest)
-    ds = deeplake.create(dest, token=_token()) if is_remote(dest) else deeplake.create(dest)
-    columns = {name: [rec[name] for rec in records] for name in names}
+
+def _fill(ds, names: list[str], records: list[dict[str, Any]], message: str) -> None:
+    columns = {name: [rec.get(name) for rec in records] for name in names}
     for name, values in columns.items():
         kind = _column_type(values)
         if isinstance(kind, type(deeplake.types.Text())):
-            values = ["" if v is None else str(v) for v in values]
-            columns[name] = values
+            columns[name] = ["" if v is None else str(v) for v in values]
         ds.add_column(name, kind)
     ds.append(columns)
     ds.commit(message)
-    return len(records)
 
 
 def preview(view, limit: int, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:

@@ -171,8 +171,9 @@ def check_loadable(path: str, model_cfg: ModelConfig | None, key: str,
         for file in Path(path).glob("*.safetensors"):
             check_safetensors(file)
         base = adapter_base(path)
-        check_model_dir(base, model_cfg, f"{path}/adapter_config.json: base", causal_lm)
-        check_adapter_base(path, base, f"{path}/adapter_config.json: base")
+        key = f"{path}/adapter_config.json: base_model_name_or_path"
+        check_model_dir(base, model_cfg, key, causal_lm)
+        check_adapter_base(path, base, key)
         return
     check_model_dir(path, model_cfg, key, causal_lm)
 
@@ -240,7 +241,7 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
         if looks_local(base_path) and not Path(base_path).exists():
             raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base_path} "
                             f"does not exist")
-        check_adapter_base(path, base_path, f"{path}/adapter_config.json: base")
+        check_adapter_base(path, base_path, f"{path}/adapter_config.json: base_model_name_or_path")
         for file in Path(path).glob("*.safetensors"):
             check_safetensors(file)
         base = _from_pretrained(base_path, common, model_cfg=model_cfg)

@@ -97,8 +97,11 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                                 f"{stage}.{name})")
             require_input(path, f"{stage}.{name}")
             if name != "tokenizer" and Path(path).exists():
-                from llmctl.models import check_loadable
+                from llmctl.models import check_loadable, is_adapter_dir
 
+                if name == "adapter" and not is_adapter_dir(path):
+                    raise UserError(f"{stage}.adapter: {path} is not a LoRA adapter directory "
+                                    f"(no adapter_config.json)")
                 check_loadable(path, recipe.model, f"{stage}.{name}",
                                causal_lm=stage != "reward" and name != "reward_model")
         for key in ("tokenizer", "task_path", "prompts_file"):

@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -46,12 +45,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert abs(bench["quantize/demo_sentiment.acc"] - bench["demo_sentiment.acc"]) <= 0.05
     assert bench["quantize/greedy_b1_tokens_per_second"] > 0
     assert (run_dir / "bench" / "report.md").exists()
-    assert manifest(run_dir / "generate")["inputs"]["model"] == str(run_dir / "quantize" / "model")
+    assert manifest(run_dir / "generate")["inputs"]["model"] == "$RUN/quantize/model"
     assert manifest(run_dir / "generate")["metrics"]["new_tokens"] > 0
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
     assert code == 0 and err.count("up to date, skipped") == 8
+    # ... and so does the same run directory moved elsewhere
+    moved = tmp_path / "moved" / "demo"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    code, out, err = run_cli(["demo", "--run-dir", moved], capsys)
+    assert code == 0 and err.count("up to date, skipped") == 8, err
 
 
 def test_repo_demo_recipe_matches_embedded_one():
@@ -64,9 +69,11 @@ def test_repo_demo_recipe_matches_embedded_one():
 
 
 def test_rebuilt_assets_make_finished_demo_stages_stale(tmp_path, monkeypatch):
-    """A newer llmctl's assets land at the same paths: the stages that read them must rerun."""
+    """Assets rebuilt by a newer llmctl land at the same paths: the stages that read them must
+    rerun (their contents differ: Deep Lake commits carry ids and times)."""
     from llmctl.demo import assets, pipeline
     from llmctl.pipeline import why_stale
+    from llmctl.rundir import input_fingerprints
 
     stale = []
     monkeypatch.setattr(pipeline, "run_all", lambda recipe, force=False: stale.append(
@@ -74,13 +81,15 @@ def test_rebuilt_assets_make_finished_demo_stages_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "print_summary", lambda *args: None)
     pipeline.run_demo(tmp_path)  # fresh: assets built, nothing finished yet
     recipe = load_recipe(tmp_path / "recipe.toml", [f"run.dir={json.dumps(str(tmp_path))}"])
-    time.sleep(1)  # manifests stamp whole seconds
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "manifest.json").write_text(json.dumps({  # as if it finished now
         "status": "complete", "config_hash": recipe.stage_hash("pretrain"),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": {"config": recipe.hashed_config("pretrain"),
+                        "inputs": input_fingerprints(recipe, "pretrain")}}))
     pipeline.run_demo(tmp_path)  # the same assets: pretrain may be skipped
-    time.sleep(1)
     monkeypatch.setattr(assets, "ASSETS_VERSION", assets.ASSETS_VERSION + 1)
-    pipeline.run_demo(tmp_path)  # rebuilt
+    pipeline.run_demo(tmp_path)  # rebuilt: new Deep Lake commits, so new contents
     assert stale == [True, False, True]
+
+

@@ -40,7 +40,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     require_input(base_path, "merge.base" if cfg.base else f"{adapter}/adapter_config.json: "
                                                             f"base_model_name_or_path")
     check_adapter_base(adapter, base_path, "merge.base" if cfg.base else
-                       f"{adapter}/adapter_config.json: base", cfg.allow_other_base)
+                       f"{adapter}/adapter_config.json: base_model_name_or_path",
+                       cfg.allow_other_base)
     inputs["base"] = base_path
     stage_header("merge", f"{adapter} into {base_path}")
 

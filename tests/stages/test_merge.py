@@ -59,7 +59,7 @@ def test_merge_round_trip(sft_run, capsys):
     code, out, err = run_cli(["generate", sft_run, "-p", json.dumps(
         {"instruction": "Sentiment?", "input": "Profit rose."}), "--json"], capsys)
     assert code == 0, err
-    assert manifest(run_dir / "generate")["inputs"]["model"] == str(merged_dir)
+    assert manifest(run_dir / "generate")["inputs"]["model"] == "$RUN/merge/model"
 
 
 def test_merge_rejects_what_is_not_an_adapter(sft_run, capsys, tmp_path):
@@ -91,6 +91,6 @@ def test_adapter_without_base_is_exit_2(sft_run, capsys, tmp_path):
 def test_merge_outside_tolerance_fails_and_saves_nothing(sft_run, capsys, tmp_path):
     code, _, err = run_cli(["merge", sft_run, "--run-dir", tmp_path / "strict",
                             "--set", "merge.adapter=\"" + str(sft_run.parent / "run" / "sft" / "adapter") + "\"",
-                            "--set", "merge.tolerance=-1.0"], capsys)
+                            "--set", "merge.tolerance=1e-12"], capsys)
     assert code == 1 and "nothing was saved" in err
     assert not (tmp_path / "strict" / "merge").exists()

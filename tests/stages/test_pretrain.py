@@ -77,7 +77,8 @@ def test_kill_and_resume(tiny_recipe, tmp_path):
 def test_pretrain_bad_config_key(tiny_recipe, capsys):
     code, _, err = run_cli(["pretrain", tiny_recipe(), "--set", "pretrain.config.n_layers=2"], capsys)
     assert code == 2
-    assert err.strip().splitlines()[-1] == "error: pretrain.config.n_layers: not a field of OPTConfig"
+    assert err.strip().splitlines()[-1].endswith(
+        "recipe.toml: pretrain.config.n_layers: not a field of OPTConfig")
 
 
 def test_pretrain_seq_len_beyond_positions(tiny_recipe, capsys):

@@ -143,7 +143,7 @@ def test_ppo_with_a_different_tokenizer(reward_run, capsys):
     code, out, err = run_cli(["generate", reward_run, "-p", "Question: What is 2 plus 2?", "--json"],
                              capsys)
     assert code == 0, err
-    assert manifest(reward_run.parent / "run" / "generate")["inputs"]["model"] == str(ppo_dir / "model")
+    assert manifest(reward_run.parent / "run" / "generate")["inputs"]["model"] == "$RUN/ppo/model"
 
 
 def test_ppo_with_the_policy_tokenizer(reward_run, tmp_path, capsys, pretrained_model):
