@@ -12,7 +12,7 @@ EXTRAS ?= dev,openvino,wandb
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test bench clean constraints
+.PHONY: install demo test test-fast bench clean constraints
 
 install: $(BIN)/.installed
 
@@ -33,6 +33,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the end-to-end demo, kill/resume, multi-process and
+# signal tests (marked slow), which `make test` and CI run.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python scripts/bench_train.py

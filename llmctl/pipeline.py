@@ -19,7 +19,7 @@ from llmctl.paths import is_local, looks_local
 from llmctl.progress import console
 from llmctl.recipe import PIPELINE, Recipe, describe_changes
 from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
-    stage_of_path
+    stage_identity, stage_of_path
 
 
 def stage_function(stage: str) -> Callable:
@@ -30,8 +30,7 @@ def stage_function(stage: str) -> Callable:
 def run_stage(recipe: Recipe, stage: str) -> dict:
     recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
     with run_dir_lock(recipe.run_dir):
-        if not distributed.is_launched():
-            preflight(recipe, [stage])
+        preflight(recipe, [stage])
         if stage in distributed.TRAINING_STAGES:
             distributed.check_supported(recipe.distributed)
             if distributed.should_launch(recipe.distributed, stage):
@@ -60,9 +59,8 @@ def why_stale(recipe: Recipe, stage: str) -> str | None:
         if then is None or not is_local(path):
             continue
         if "stage" in then:
-            now = read_manifest(recipe.run_dir / then["stage"]) or {}
-            if (now.get("finished_at"), now.get("config_hash")) != \
-                    (then["finished_at"], then["config_hash"]):
+            now = stage_identity(read_manifest(recipe.run_dir / then["stage"]) or {})
+            if now != {k: then.get(k) for k in now}:
                 return f"{then['stage']} ran again after it ({path})"
         elif changed(path, then):
             return f"{path} changed after it ran"

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -124,6 +125,9 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     import fcntl
 
     key = str(Path(run_dir).resolve())
+    if distributed.is_launched() and not distributed.is_main_process():
+        yield  # under torchrun, rank 0 holds the lock for the job
+        return
     if key in _HELD or os.environ.get(LOCK_ENV) == key:
         fd, depth = _HELD.get(key, (-1, 0))
         _HELD[key] = (fd, depth + 1)
@@ -195,12 +199,16 @@ def input_fingerprints(recipe, stage: str) -> dict[str, dict[str, Any]]:
         upstream = stage_of_path(path, recipe.run_dir)
         manifest = read_manifest(recipe.run_dir / upstream) if upstream else None
         if manifest and manifest.get("status") == "complete":
-            out[recipe.normalize_path(path)] = {
-                "stage": upstream, "finished_at": manifest.get("finished_at"),
-                "config_hash": manifest.get("config_hash")}
+            out[recipe.normalize_path(path)] = {"stage": upstream, **stage_identity(manifest)}
         elif (found := path_fingerprint(path)) is not None:
             out[recipe.normalize_path(path)] = found
     return out
+
+
+def stage_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which execution of a stage produced an output (two runs can finish in one second)."""
+    return {"run_id": manifest.get("run_id"), "finished_at": manifest.get("finished_at"),
+            "config_hash": manifest.get("config_hash")}
 
 
 @dataclass
@@ -326,6 +334,7 @@ class StageRun:
         manifest = {
             "stage": self.stage,
             "status": "complete",
+            "run_id": uuid.uuid4().hex,
             "started_at": self.started_at,
             "finished_at": now_iso(),
             "wall_seconds": round(time.time() - self._t0, 3),

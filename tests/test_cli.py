@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from tests.conftest import manifest, run_cli
 
@@ -149,6 +150,7 @@ def test_data_ingest_show_query(tmp_path, capsys):
     assert code == 2
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "llmctl", "sft", "nope.toml"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == "error: nope.toml: recipe file not found"

@@ -7,12 +7,15 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+import pytest
+
 from llmctl.recipe import load_recipe
 from tests.conftest import manifest, run_cli, run_llmctl
 
 REPO = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     """As a user runs it: `python -m llmctl demo` in a fresh process."""
     run_dir = tmp_path / "demo"
@@ -68,6 +71,7 @@ def test_repo_demo_recipe_matches_embedded_one():
     assert strip(shipped) == strip(expected)
 
 
+@pytest.mark.slow
 def test_rebuilt_assets_make_finished_demo_stages_stale(tmp_path, monkeypatch):
     """Assets rebuilt by a newer llmctl land at the same paths: the stages that read them must
     rerun (their contents differ: Deep Lake commits carry ids and times)."""

@@ -26,6 +26,7 @@ def pretrain_recipe(path: Path, assets, run_dir: Path, batch_size: int, extra: s
     return path
 
 
+@pytest.mark.slow
 def test_ddp_pretrain_matches_one_process(tmp_path, assets, capsys):
     """2 processes x batch 4 (gloo) against 1 process x batch 8: the same global batch."""
     one = pretrain_recipe(tmp_path / "one.toml", assets, tmp_path / "one", batch_size=8)
@@ -49,6 +50,7 @@ def test_ddp_pretrain_matches_one_process(tmp_path, assets, capsys):
     assert not (tmp_path / "two" / ".partial" / "pretrain").exists()  # rank 0 published it
 
 
+@pytest.mark.slow
 def test_ddp_sft_matches_one_process(tmp_path, assets, pretrained_model, capsys):
     def recipe(name: str, batch_size: int, extra: str = "") -> Path:
         path = tmp_path / f"{name}.toml"

@@ -134,6 +134,7 @@ def test_course_gpt2_sizes():
         assert round(count_params(model) / 1e6, 1) == millions
 
 
+@pytest.mark.slow
 def test_repo_recipes_dry_run(capsys, tmp_path, monkeypatch, assets, pretrained_model):
     """Every shipped recipe validates and resolves its stage inputs with `llmctl run --dry-run`;
     recipes that build on another run's outputs (`llmctl demo`, the SFT recipe a DPO recipe

@@ -369,6 +369,7 @@ def test_moved_and_copied_run_directories_keep_working(tmp_path, assets, pretrai
 # -- 4. one process per run directory -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_process_on_a_run_directory_is_refused(tmp_path, tiny_recipe, capsys):
     recipe = tiny_recipe()
     lock = tmp_path / "run" / ".llmctl.lock"
@@ -393,6 +394,7 @@ def test_second_process_on_a_run_directory_is_refused(tmp_path, tiny_recipe, cap
 # -- 5. a failed rerun keeps the interrupted run's checkpoints ---------------------------------
 
 
+@pytest.mark.slow
 def test_bad_rerun_keeps_checkpoints_and_a_new_config_discards_them_late(tmp_path, tiny_recipe,
                                                                           capsys):
     from tests.conftest import kill_when
@@ -467,6 +469,7 @@ def test_run_dry_run_prints_the_plan(tmp_path, tiny_recipe, capsys):
 # -- 9. interrupts --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_says_what_was_kept(tmp_path, tiny_recipe, signum, code):
     recipe = tiny_recipe()

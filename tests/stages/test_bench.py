@@ -64,6 +64,7 @@ tolerable_loss = 0.5
     return root / "run"
 
 
+@pytest.mark.slow
 def test_vanilla_vs_quantized(quantized_run, assets, pretrained_model, capsys):
     recipe = quantized_run.parent / "bench.toml"
     bench_recipe(recipe, quantized_run, assets, [pretrained_model, "quantize"], """

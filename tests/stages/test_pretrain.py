@@ -51,6 +51,7 @@ def test_pretrain_epochs_become_steps(tiny_recipe, tmp_path, capsys):
     assert manifest(tmp_path / "run" / "pretrain")["metrics"]["global_step"] == math.ceil(0.5 * blocks / 8)
 
 
+@pytest.mark.slow
 def test_kill_and_resume(tiny_recipe, tmp_path):
     """SIGKILL mid-training leaves nothing finished-looking; the rerun resumes to the same step."""
     args = ["pretrain", tiny_recipe(), "--set", "pretrain.max_steps=60",

@@ -201,6 +201,7 @@ def test_ppo_without_reward_stage_is_exit_2(tmp_path, assets, pretrained_model, 
     assert not (tmp_path / "run" / "ppo").exists()
 
 
+@pytest.mark.slow
 def test_killed_ppo_resumes_to_the_same_step(reward_run, tmp_path):
     """SIGKILL during PPO leaves no finished-looking stage; the same command resumes from the
     last checkpoint (policy adapter, value model, optimizer, KL coefficient) and completes."""
@@ -220,6 +221,7 @@ def test_killed_ppo_resumes_to_the_same_step(reward_run, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, stage):
     """SIGKILL mid-training: nothing finished-looking is left, and the same command resumes from
@@ -237,6 +239,7 @@ def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, sta
     assert manifest(tmp_path / "run" / stage)["metrics"]["global_step"] == 24
 
 
+@pytest.mark.slow
 def test_ppo_runs_in_two_processes(reward_run, tmp_path):
     """trl's PPO under DDP (2 processes, gloo), with the cross-tokenizer reward."""
     args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "distributed.strategy=\"ddp\"",

@@ -98,6 +98,7 @@ def test_missing_template_field(tmp_path, assets, pretrained_model, capsys):
     assert code == 2 and "no column 'question'" in err and "instruction, input, output" in err
 
 
+@pytest.mark.slow
 def test_sft_resumes_after_kill(tmp_path, assets, pretrained_model):
     recipe = sft_recipe(tmp_path, assets, pretrained_model)
     args = ["sft", recipe, "--set", "sft.max_steps=40", "--set", "sft.save_steps=5",
