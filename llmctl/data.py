@@ -81,6 +81,102 @@ class Template:
         context = prompt.rstrip(" ")
         return context, prompt[len(context):] + _as_text(row[self.response_field])
 
+    def response(self, row: dict[str, Any]) -> str:
+        return _as_text(row[self.response_field])
+
+    def context(self, row: dict[str, Any]) -> str:
+        """What a model is asked to continue, for a row without its response."""
+        return self.split({**row, self.response_field: ""})[0]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """``template = "chat"``: rows as conversations, rendered by the tokenizer's chat template,
+    so a chat model is trained and prompted the way it was made. Same interface as
+    :class:`Template`: the prompt is the conversation up to the assistant's answer, with the
+    template's generation prompt (``<|im_start|>assistant\\n``)."""
+
+    tokenizer: Any
+    system: str | None = None
+    user: str | None = None  # a format string over row fields; None: a `messages` field
+    assistant: str = "response"
+
+    def __post_init__(self):
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"template = \"chat\": the tokenizer "
+                            f"{getattr(self.tokenizer, 'name_or_path', '')} has no chat template "
+                            f"(use a named template or a format string)")
+
+    @property
+    def fields(self) -> list[str]:
+        return chat_fields(self.user, self.assistant)
+
+    @property
+    def response_field(self) -> str:
+        return self.assistant if self.user is not None else "messages"
+
+    def turns(self, row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+        return chat_turns(row, self.system, self.user, self.assistant)
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        messages, _ = self.turns(row)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def render(self, row: dict[str, Any]) -> str:
+        messages, answer = self.turns(row)
+        return self.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer}], tokenize=False)
+
+    def split(self, row: dict[str, Any]) -> tuple[str, str]:
+        prompt, full = self.prompt(row), self.render(row)
+        return prompt, full[len(prompt):] if full.startswith(prompt) else self.response(row)
+
+    def response(self, row: dict[str, Any]) -> str:
+        return self.turns(row)[1]
+
+    def context(self, row: dict[str, Any]) -> str:
+        return self.prompt(row)
+
+
+def chat_fields(user: str | None, assistant: str) -> list[str]:
+    return ["messages"] if user is None else [*Template(user).fields, assistant]
+
+
+def chat_turns(row: dict[str, Any], system: str | None, user: str | None, assistant: str
+               ) -> tuple[list[dict[str, str]], str]:
+    """(the conversation before the answer, the answer) of a row: its `messages` up to the last
+    assistant turn, or a system prompt and the `user` format string, answered by `assistant`."""
+    if user is None:
+        messages = chat_messages(row.get("messages"))
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                   default=len(messages))
+        return messages[:last], messages[last]["content"] if last < len(messages) else ""
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": Template(user).render(row)}], \
+        _as_text(row.get(assistant, ""))
+
+
+def chat_messages(value: Any) -> list[dict[str, str]]:
+    """A `messages` value (a list, or its JSON text as ingest stores it) as {role, content}s."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        raise UserError("template = \"chat\": a `messages` value is not a list of "
+                        "{\"role\": ..., \"content\": ...} objects")
+    return [{"role": str(m["role"]), "content": _as_text(m["content"])} for m in value]
+
+
+def make_template(source: DataSource, tokenizer) -> Template | ChatTemplate:
+    """The row template of a data source: named, a format string, or the tokenizer's chat."""
+    if source.template == "chat":
+        return ChatTemplate(tokenizer, source.system, source.user, source.assistant)
+    return Template.get(source.template)
+
 
 def _as_text(value: Any) -> str:
     if isinstance(value, bytes):
@@ -207,6 +303,14 @@ def _hf_rows(source_json: str, split: str, key: str, layout: str):
         for row in preference_split(source, split, key).iter_rows():
             yield {k: _as_text(v) for k, v in row.items()}
         return
+    if source.template == "chat":
+        # trl's conversational format: it applies the tokenizer's chat template itself and
+        # trains on the completion (the assistant's turn) only.
+        for row in open_split(source, chat_fields(source.user, source.assistant), split,
+                              key).iter_rows():
+            prompt, answer = chat_turns(row, source.system, source.user, source.assistant)
+            yield {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
+        return
     template = Template.get(source.template)
     for row in open_split(source, template.fields, split, key).iter_rows():
         if layout == "prompt_completion":
@@ -295,7 +399,7 @@ class TokenBlocks(torch.utils.data.IterableDataset):
 def token_blocks(source: DataSource, key: str, split: str, tokenizer, seq_len: int,
                  max_blocks: int | None = None, pack: bool = True) -> list[dict[str, torch.Tensor]]:
     """Up to ``max_blocks`` packed blocks of a split: evaluation and calibration batches."""
-    template = Template.get(source.template)
+    template = make_template(source, tokenizer)
     blocks = list(islice(TokenBlocks(open_split(source, template.fields, split, key), template,
                                      tokenizer, seq_len, pack), max_blocks))
     if not blocks:
@@ -408,7 +512,10 @@ def _fill(ds, names: list[str], records: list[dict[str, Any]], message: str) -> 
     for name, values in columns.items():
         kind = _column_type(values)
         if isinstance(kind, type(deeplake.types.Text())):
-            columns[name] = ["" if v is None else str(v) for v in values]
+            # lists and objects (a `messages` column) as JSON, which template = "chat" reads
+            columns[name] = ["" if v is None else v if isinstance(v, str) else
+                             json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                             for v in values]
         ds.add_column(name, kind)
     ds.append(columns)
     ds.commit(message)

@@ -13,6 +13,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # llmctl shows its own progress
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' stray bars (GGUF conversion, lm-eval)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental
     # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
     # neural-compressor (imported by peft) announces the accelerator it detected.

@@ -35,7 +35,7 @@ def autocast_for(model):
 
 
 def candidate_labels(rows: list[dict[str, Any]], template: Template) -> list[str] | None:
-    labels = sorted({str(r[template.response_field]) for r in rows})
+    labels = sorted({template.response(r) for r in rows})
     return labels if 1 < len(labels) <= MAX_LABELS else None
 
 
@@ -78,8 +78,7 @@ def label_accuracy(model, tokenizer, rows: list[dict[str, Any]], template: Templ
     correct = 0
     with autocast_for(model):
         for row in rows:
-            correct += _predict(model, tokenizer, row, template, labels) == str(
-                row[template.response_field])
+            correct += _predict(model, tokenizer, row, template, labels) == template.response(row)
     if was_training:
         model.train()
     return correct / len(rows)

@@ -31,6 +31,7 @@ from transformers import (
 
 from llmctl.errors import UserError
 from llmctl.fingerprint import model_fingerprint, stat_digest
+from llmctl.gguf import is_gguf, read_metadata
 from llmctl.paths import looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
 from llmctl.recipe import LoraConfig, ModelConfig
@@ -70,6 +71,16 @@ def resolve_precision(precision: str) -> str:
 
 def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else DTYPES[name]
+
+
+def model_dir(path: str, key: str = "model") -> str:
+    """Where to load a model from: a ``.gguf`` file becomes its converted, cached Hugging Face
+    directory (``llmctl.gguf``); anything else is returned as it is."""
+    if is_gguf(path):
+        from llmctl.gguf import converted
+
+        return converted(path, key)
+    return path
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -162,7 +173,11 @@ def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = 
 def check_loadable(path: str, model_cfg: ModelConfig | None, key: str,
                    causal_lm: bool = True) -> None:
     """Everything :func:`load_causal_lm` (or :func:`load_classifier`) would refuse about a local
-    model, checked without loading it: for an adapter, its files and its base's."""
+    model, checked without loading it: for an adapter, its files and its base's; for a GGUF
+    file, that it reads as one."""
+    if is_gguf(path):
+        read_metadata(path, key)
+        return
     if is_quantized_dir(path) or not Path(path).is_dir():
         if looks_local(path) and not Path(path).exists():
             raise UserError(f"{key}: {path} does not exist")
@@ -208,6 +223,7 @@ def _load_error(what: str, path: str, err: Exception) -> UserError:
 def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
                    padding_side: str = "right") -> PreTrainedTokenizerBase:
     model_cfg = model_cfg or ModelConfig()
+    path = model_dir(path, "tokenizer")
     # An adapter directory may hold no tokenizer: fall back to its base model's.
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
         path = adapter_base(path)
@@ -231,20 +247,15 @@ def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str |
                    **kwargs: Any) -> PreTrainedModel:
     """A causal LM from a directory or hub id; an adapter directory is loaded on its base, a
     quantized one (``llmctl quantize`` output) by its backend."""
+    path = model_dir(path)
     if is_quantized_dir(path):
         return load_quantized(path)
     common = _load_kwargs(model_cfg, dtype, **kwargs)
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base_path = adapter_base(path)
-        if looks_local(base_path) and not Path(base_path).exists():
-            raise UserError(f"{path}/adapter_config.json: base_model_name_or_path {base_path} "
-                            f"does not exist")
-        check_adapter_base(path, base_path, f"{path}/adapter_config.json: base_model_name_or_path")
-        for file in Path(path).glob("*.safetensors"):
-            check_safetensors(file)
-        base = _from_pretrained(base_path, common, model_cfg=model_cfg)
+        check_loadable(path, model_cfg, "model")  # its files, and its base: there, the right one
+        base = _from_pretrained(adapter_base(path), common, model_cfg=model_cfg)
         try:
             return PeftModel.from_pretrained(base, path)
         except (OSError, ValueError, RuntimeError) as err:
@@ -316,7 +327,7 @@ def load_classifier(path: str, model_cfg: ModelConfig | None = None,
                     dtype: str | None = None) -> PreTrainedModel:
     """A sequence classifier with one output (a reward or value model) from a directory or hub
     id; a causal LM's weights get a fresh score head, the InstructGPT way."""
-    return _from_pretrained(path, _load_kwargs(model_cfg, dtype, num_labels=1),
+    return _from_pretrained(model_dir(path), _load_kwargs(model_cfg, dtype, num_labels=1),
                             AutoModelForSequenceClassification, model_cfg)
 
 

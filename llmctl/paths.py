@@ -16,7 +16,7 @@ def looks_local(path: str) -> bool:
     An 'org/name' whose first part is a local directory is a local path too."""
     if is_remote(path) or path.startswith("mem://"):
         return False
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.lower().endswith(".gguf"):
         return True
     return "/" in path and Path(path.split("/", 1)[0]).is_dir()
 

@@ -63,7 +63,14 @@ class ModelConfig(Section):
 class DataSource(Section):
     path: str  # local dir, mem://, hub://org/name or al://org/name
     columns: dict[str, str] = Field(default_factory=dict)  # template field -> dataset column
-    template: str = "text"  # a named template (see llmctl.data.TEMPLATES) or a format string
+    template: str = "text"  # a named template (llmctl.data.TEMPLATES), a format string, or "chat"
+    # template = "chat": the tokenizer's chat template renders each row as a conversation:
+    # a `messages` field (a list of {role, content}), or, when `user` is set, a user turn
+    # (`user`, a format string over the row's fields) answered by the `assistant` field,
+    # after an optional `system` prompt.
+    system: str | None = None
+    user: str | None = None
+    assistant: str = "response"
     query: str | None = None  # TQL, e.g. "SELECT * WHERE contains(text, 'tax')"
     eval_path: str | None = None  # separate evaluation dataset; else split off eval_fraction
     eval_query: str | None = None
@@ -301,7 +308,10 @@ class BenchConfig(Section):
 
 class GenerateConfig(Section):
     model: str | None = None  # default: the last model-producing stage of the recipe
-    template: str | None = None  # named template or format string; prompt = text before last field
+    # named template, format string, or "chat" (the model's chat template; prompt = user turn);
+    # the prompt is the text before the template's last field
+    template: str | None = None
+    system: str | None = None  # template = "chat": a system prompt before each user turn
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = None
     max_new_tokens: int = Field(64, ge=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, set_seed
 
-from llmctl.data import Template
+from llmctl.data import ChatTemplate, Template
 from llmctl.errors import UserError
 from llmctl.models import device, load_causal_lm, load_tokenizer, max_positions
 from llmctl.progress import stage_header
@@ -35,7 +35,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     model = load_causal_lm(inputs["model"], recipe.model).to(device()).eval()
     stage_header("generate", f"{len(prompts)} prompt(s) with {inputs['model']}")
 
-    template = Template.get(cfg.template) if cfg.template else None
+    template = None
+    if cfg.template == "chat":  # each prompt is the user's turn, in the model's chat template
+        template = ChatTemplate(tokenizer, cfg.system, "{prompt}", "response")
+    elif cfg.template:
+        template = Template.get(cfg.template)
     texts = [apply_template(template, p) for p in prompts]
     check_lengths(model, tokenizer, texts, cfg)
     stage = StageRun.start(recipe, "generate", inputs)
@@ -103,7 +107,7 @@ def check_lengths(model, tokenizer, texts: list[str], cfg: GenerateConfig) -> No
                             f"(at most {positions - n})")
 
 
-def apply_template(template: Template | None, prompt: str) -> str:
+def apply_template(template: Template | ChatTemplate | None, prompt: str) -> str:
     """A prompt fills the template's first field; a JSON object prompt fills several fields.
 
     The prompt is the text before the template's response field, less trailing spaces: a BPE
@@ -119,11 +123,11 @@ def apply_template(template: Template | None, prompt: str) -> str:
         except json.JSONDecodeError:
             row = None
         if isinstance(row, dict):
-            return template.split({**row, template.response_field: ""})[0]
+            return template.context(row)
     if len(fields) != 1:
-        raise UserError(f"generate.template: {template.text!r} has fields {fields}; give each "
-                        f"prompt as a JSON object with those keys")
-    return template.split({fields[0]: prompt, template.response_field: ""})[0]
+        raise UserError(f"generate.template: it has fields {fields}; give each prompt as a "
+                        f"JSON object with those keys")
+    return template.context({fields[0]: prompt})
 
 
 @torch.inference_mode()

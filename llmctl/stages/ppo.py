@@ -25,7 +25,7 @@ from torch import nn
 from transformers import GenerationConfig, TrainerCallback, set_seed
 
 from llmctl import distributed
-from llmctl.data import Template, open_split
+from llmctl.data import ChatTemplate, Template, make_template, open_split
 from llmctl.errors import StageFailed
 from llmctl.evaluation import reward_scores
 from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
@@ -62,8 +62,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     # -- prompts ----------------------------------------------------------------------------
     source = recipe.data_source("ppo", cfg.data)
-    template = Template.get(source.template)
-    fields = [f for f in template.fields if f != template.response_field]
+    template = make_template(source, tokenizer)
+    fields = [f for f in template.fields if f not in (template.response_field, "messages")] \
+        or template.fields
     key = f"data.{cfg.data}"
     train_queries = queries(open_split(source, fields, "train", key).rows(), template)
     eval_queries = queries(open_split(source, fields, "eval", key).rows(), template)[:cfg.eval_prompts]
@@ -302,8 +303,8 @@ class AdaptiveKL(TrainerCallback):
             args.kl_coef *= 1 + error * self.batch_size / self.horizon
 
 
-def queries(rows: list[dict], template: Template) -> list[str]:
-    return [template.split({**row, template.response_field: ""})[0] for row in rows]
+def queries(rows: list[dict], template: Template | ChatTemplate) -> list[str]:
+    return [template.context(row) for row in rows]
 
 
 def tokenize_queries(texts: list[str], tokenizer, max_length: int):

