@@ -65,7 +65,7 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     """sft (chat, the course's LoRA), merge, reward (MiniLM) and generate, a few steps each."""
     run_dir = tmp_path / "run"
     small = ["--run-dir", str(run_dir), "--set", "data.tweets.limit=24",
-             "--set", "data.prefs.limit=64", "--set", "sft.max_steps=3",
+             "--set", "data.reward_pairs.limit=64", "--set", "sft.max_steps=3",
              "--set", "sft.eval_max_batches=1", "--set", "reward.max_steps=4"]
     code, out, err = run_cli(["run", RECIPE, "--dry-run", *small], capsys)
     assert code == 0, err
