@@ -34,8 +34,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The edit-test loop: everything but the end-to-end demo, kill/resume, multi-process and
-# signal tests (marked slow), which `make test` and CI run.
+# The edit-test loop: everything but the tests marked slow (end-to-end demo, kill/resume,
+# multi-process, signals, the real-model tier), which `make test` and CI run.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -110,6 +110,7 @@ latency = { prompt_tokens = 16, new_tokens = 8, runs = 1, batch_sizes = [1, 2], 
         assert key in metrics, key
 
 
+@pytest.mark.slow  # runs the lm_eval command in a second process
 def test_matches_direct_lm_eval(tmp_path, assets, pretrained_model, capsys):
     import lm_eval
     from lm_eval.tasks import TaskManager
