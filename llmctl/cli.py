@@ -53,15 +53,16 @@ def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
 
 
 def _dry_run(recipe, stages: list[str], distributed: dict | None = None,
-             force: bool = False) -> None:
+             force: bool = False, whole_recipe: bool = False) -> None:
     """Check what the run would check before its first step, then print the resolved recipe,
-    each stage's inputs and (for `llmctl run`) whether each stage would run, and why."""
+    each stage's inputs and (for `llmctl run`, ``whole_recipe``) whether each stage would run,
+    and why; a stage command always runs its stage."""
     from rich.console import Console
 
     from llmctl.pipeline import plan, preflight
     from llmctl.recipe import dump_resolved
 
-    steps = plan(recipe, force, stages) if len(stages) > 1 else [(s, "asked for") for s in stages]
+    steps = plan(recipe, force, stages) if whole_recipe else [(s, "asked for") for s in stages]
     preflight(recipe, [s for s, reason in steps if reason is not None])
     resolved = dump_resolved(recipe)
     inputs = {s: recipe.upstream_inputs(s) for s in stages}
@@ -70,7 +71,7 @@ def _dry_run(recipe, stages: list[str], distributed: dict | None = None,
     if distributed:
         out["distributed"] = distributed
     Console().print_json(json.dumps(out, default=str))
-    if len(stages) > 1:
+    if whole_recipe:
         for stage, reason in steps:
             print(f"{stage}: {'run: ' + reason if reason else 'skip: up to date'}",
                   file=sys.stderr)
@@ -142,7 +143,7 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
 
     loaded = _load(recipe, run_dir, set_)
     if dry_run:
-        _dry_run(loaded, loaded.stages(), force=force)
+        _dry_run(loaded, loaded.stages(), force=force, whole_recipe=True)
         return
     run_all(loaded, force=force)
 

@@ -58,6 +58,11 @@ class Template:
     def response_field(self) -> str:
         return self.fields[-1]
 
+    @property
+    def prompt_fields(self) -> list[str]:
+        """The fields a prompt is made of (every one but the response)."""
+        return [f for f in self.fields if f != self.response_field]
+
     def render(self, row: dict[str, Any]) -> str:
         try:
             return self.text.format(**{k: _as_text(v) for k, v in row.items()})
@@ -114,6 +119,11 @@ class ChatTemplate:
     @property
     def response_field(self) -> str:
         return self.assistant if self.user is not None else "messages"
+
+    @property
+    def prompt_fields(self) -> list[str]:
+        """The user turn's fields, or the `messages` field, whose last answer is the response."""
+        return ["messages"] if self.user is None else Template(self.user).fields
 
     def turns(self, row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         return chat_turns(row, self.system, self.user, self.assistant)

@@ -24,12 +24,22 @@ CHUNK = 1 << 20
 WEIGHT_PATTERNS = ("*.safetensors",)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+_SHA256: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, read once per process for each state of the file (inode, size,
+    modification time): a base model's weights are digested for a stage's input fingerprint,
+    the adapter's base fingerprint and every adapter load, but read once."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 def _files(path: Path) -> list[Path]:

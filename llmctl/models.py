@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from llmctl.errors import UserError
-from llmctl.fingerprint import model_fingerprint, stat_digest
+from llmctl.fingerprint import model_fingerprint
 from llmctl.gguf import is_gguf, read_metadata
 from llmctl.paths import looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
@@ -107,7 +107,7 @@ def check_adapter_base(adapter: str | Path, base: str, key: str, allow_other: bo
         if (Path(adapter) / BASE_FINGERPRINT).is_file() else None
     if not recorded or allow_other or not Path(base).is_dir():
         return
-    found = _cached_fingerprint(base)
+    found = model_fingerprint(base)
     if found != recorded:
         what = "weights" if found and found["config_sha256"] == recorded["config_sha256"] \
             else "config"
@@ -115,17 +115,6 @@ def check_adapter_base(adapter: str | Path, base: str, key: str, allow_other: bo
                         f"{what} differ from the recorded fingerprint in {BASE_FINGERPRINT})"
                         + ("; set merge.allow_other_base = true to merge anyway"
                            if key.startswith("merge") else ""))
-
-
-_FINGERPRINTS: dict[tuple[str, str], dict | None] = {}
-
-
-def _cached_fingerprint(model_dir: str) -> dict | None:
-    """model_fingerprint, hashed once per process for each state of the directory's files."""
-    stamp = (str(Path(model_dir).resolve()), stat_digest(Path(model_dir)))
-    if stamp not in _FINGERPRINTS:
-        _FINGERPRINTS[stamp] = model_fingerprint(model_dir)
-    return _FINGERPRINTS[stamp]
 
 
 def _read_json(path: Path) -> dict:

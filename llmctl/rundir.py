@@ -64,14 +64,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / MANIFEST
-    if not path.is_file():
-        return None
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object from a file llmctl wrote; None when missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
+    return read_json(Path(stage_dir) / MANIFEST)
 
 
 def is_complete(stage_dir: str | Path) -> bool:
@@ -95,8 +98,7 @@ def require_input(path: str, key: str) -> None:
 
 def stage_dir_owner(path: Path) -> str | None:
     """The stage whose llmctl manifest a directory holds, or None for anything else."""
-    manifest = read_manifest(path)
-    return manifest.get("stage") if isinstance(manifest, dict) else None
+    return (read_manifest(path) or {}).get("stage")
 
 
 def check_replaceable(final_dir: Path, stage: str) -> None:
@@ -382,11 +384,7 @@ STAMP = "stage_config.json"
 
 
 def _read_stamp(work_dir: Path) -> dict[str, Any]:
-    try:
-        found = json.loads((work_dir / STAMP).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return read_json(work_dir / STAMP) or {}
 
 
 def _write_json(path: Path, value: Any) -> None:

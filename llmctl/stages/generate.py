@@ -116,7 +116,7 @@ def apply_template(template: Template | ChatTemplate | None, prompt: str) -> str
     """
     if template is None:
         return prompt
-    fields = [f for f in template.fields if f != template.response_field]
+    fields = template.prompt_fields
     if prompt.lstrip().startswith("{"):
         try:
             row = json.loads(prompt)

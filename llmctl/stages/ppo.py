@@ -63,8 +63,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     # -- prompts ----------------------------------------------------------------------------
     source = recipe.data_source("ppo", cfg.data)
     template = make_template(source, tokenizer)
-    fields = [f for f in template.fields if f not in (template.response_field, "messages")] \
-        or template.fields
+    fields = template.prompt_fields
     key = f"data.{cfg.data}"
     train_queries = queries(open_split(source, fields, "train", key).rows(), template)
     eval_queries = queries(open_split(source, fields, "eval", key).rows(), template)[:cfg.eval_prompts]
