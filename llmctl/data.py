@@ -188,6 +188,17 @@ def make_template(source: DataSource, tokenizer) -> Template | ChatTemplate:
     return Template.get(source.template)
 
 
+def preference_template(source: DataSource, tokenizer) -> Template | ChatTemplate:
+    """Preference rows as their prompt answered by `chosen`: how DPO's data reads as a labelled
+    task. With ``template = "chat"`` the prompt is a user turn (after the `system` prompt)."""
+    if source.template == "chat":
+        return ChatTemplate(tokenizer, source.system, PREFERENCE_USER, "chosen")
+    return Template("{prompt}{chosen}")
+
+
+PREFERENCE_USER = "{prompt}"  # chat preference data: the prompt column is the user's turn
+
+
 def _as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
@@ -311,7 +322,14 @@ def _hf_rows(source_json: str, split: str, key: str, layout: str):
     source = DataSource.model_validate_json(source_json)
     if layout == "preference":
         for row in preference_split(source, split, key).iter_rows():
-            yield {k: _as_text(v) for k, v in row.items()}
+            row = {k: _as_text(v) for k, v in row.items()}
+            if source.template == "chat" and "prompt" in row:
+                # trl's conversational preference format: it applies the chat template itself.
+                prompt, _ = chat_turns(row, source.system, PREFERENCE_USER, "chosen")
+                row = {"prompt": prompt,
+                       "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+            yield row
         return
     if source.template == "chat":
         # trl's conversational format: it applies the tokenizer's chat template itself and

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import math
+from statistics import stdev
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ from llmctl.errors import UserError
 from llmctl.models import device
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
+EVAL_TASK_ROWS = 200  # held-out rows a training stage scores before and after
 
 
 def autocast_for(model):
@@ -70,18 +74,40 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     return scores
 
 
-def label_accuracy(model, tokenizer, rows: list[dict[str, Any]], template: Template,
-                   labels: list[str]) -> float:
-    """Fraction of rows whose true label gets the highest log-likelihood after the prompt."""
+def label_hits(model, tokenizer, rows: list[dict[str, Any]], template: Template,
+               labels: list[str]) -> list[float]:
+    """1.0 for each row whose true label gets the highest log-likelihood after the prompt, else
+    0.0 (kept per row, so that a before/after gain gets its paired standard error)."""
     was_training = model.training
     model.eval()
-    correct = 0
     with autocast_for(model):
-        for row in rows:
-            correct += _predict(model, tokenizer, row, template, labels) == template.response(row)
+        hits = [float(_predict(model, tokenizer, row, template, labels) == template.response(row))
+                for row in rows]
     if was_training:
         model.train()
-    return correct / len(rows)
+    return hits
+
+
+def task_accuracy_metrics(hits_before: list[float], hits_after: list[float], n_labels: int
+                          ) -> dict[str, float]:
+    """The before/after label-task evidence of a training stage, printed and as metrics."""
+    from llmctl.progress import console
+
+    before, after = sum(hits_before) / len(hits_before), sum(hits_after) / len(hits_after)
+    sem = paired_sem(hits_before, hits_after)
+    console.print(f"  label accuracy on {len(hits_after)} held-out rows: {before:.3f} before -> "
+                  f"{after:.3f} after (gain {after - before:+.3f} ± {sem:.3f}; "
+                  f"chance {1 / n_labels:.3f})")
+    return {"eval_task_accuracy_before": before, "eval_task_accuracy_after": after,
+            "eval_task_accuracy_gain_sem": sem, "eval_task_chance": 1 / n_labels}
+
+
+def paired_sem(before: list[float], after: list[float]) -> float:
+    """Standard error of mean(after) - mean(before) over paired measurements (the same row or
+    draw before and after): the yardstick for "did training move this"."""
+    if len(before) < 2:
+        return float("nan")
+    return stdev(a - b for a, b in zip(after, before)) / math.sqrt(len(before))
 
 
 def _predict(model, tokenizer, row: dict[str, Any], template: Template, labels: list[str]) -> str:
@@ -182,13 +208,16 @@ def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks
 
 def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = None,
                   num_fewshot: int | None = None, limit: int | None = None,
-                  batch_size: int = 8) -> dict[str, dict[str, float]]:
+                  batch_size: int = 8, apply_chat_template: bool = False
+                  ) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness results, task -> metric -> value (stderr as ``<metric>_stderr``).
 
     The harness gets the model already loaded, through llmctl's one loader (safetensors only,
     remote code off, adapters on their fingerprinted base), never a ``model_args`` string:
     lm-eval splits that on commas, so a path such as ``runs/lr=2e-3,bs=16`` would be cut up,
-    and a crafted one could switch ``trust_remote_code`` on.
+    and a crafted one could switch ``trust_remote_code`` on. ``apply_chat_template``: each
+    prompt becomes a user turn in the model's chat template (lm-eval's own option; choices then
+    follow the generation prompt with no delimiter), as a chat model was trained.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -197,6 +226,7 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, batch_size=batch_size,
+                                      apply_chat_template=apply_chat_template,
                                       task_manager=task_manager, log_samples=False,
                                       verbosity="ERROR")
     out: dict[str, dict[str, float]] = {}
@@ -207,3 +237,34 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
             if comma and isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[task][name] = float(value)
     return out
+
+
+def write_choice_task(folder, name: str, rows: list[dict[str, Any]], doc_to_text: str,
+                      label_field: str, labels: list[str], target_delimiter: str = " ") -> Path:
+    """A local lm-evaluation-harness task (``task_path = folder``): multiple choice over
+    ``labels``, the rows as its test split (JSON lines beside the YAML), scored by
+    log-likelihood (acc, acc_norm). ``doc_to_text`` is a Jinja template over the rows' fields."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": doc_to_text,
+        "doc_to_choice": list(labels),
+        "doc_to_target": "{{" + repr(list(labels)) + ".index(" + label_field + ")}}",
+        "target_delimiter": target_delimiter,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                        for m in ("acc", "acc_norm")],
+        "metadata": {"version": 1.0},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False, width=1000))
+    return path
+

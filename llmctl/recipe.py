@@ -196,6 +196,9 @@ class PpoConfig(Section):
     missing_eos_penalty: float | None = None
     reward_batch_size: int = Field(16, ge=1)
     reward_max_length: int = Field(400, ge=2)
+    # What the reward model reads: a format string over the prompt row's fields and {response}
+    # (the policy's answer alone), e.g. "{response}: {text}"; default: the query and response.
+    reward_text: str | None = None
     eval_prompts: int = Field(32, ge=1)  # held-out prompts scored before and after PPO
     max_kl: float | None = None  # fail the stage if the final KL to the reference exceeds this
     precision: Precision = "auto"
@@ -203,6 +206,14 @@ class PpoConfig(Section):
     logging_steps: int = Field(1, ge=1)
     merge: bool = False  # also write a merged standalone model
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
+
+
+    @field_validator("reward_text")
+    @classmethod
+    def _reward_text(cls, value: str | None) -> str | None:
+        if value is not None and "{response}" not in value:
+            raise ValueError("must contain {response}, the policy's answer")
+        return value
 
 
 class DpoConfig(TrainConfig):
@@ -249,6 +260,7 @@ class QuantizeConfig(Section):
     task_path: str | None = None  # directory of local lm-eval YAML tasks
     task_metric: str = "acc"
     limit: int | None = None  # lm-eval documents per task
+    apply_chat_template: bool = False  # task prompts as a user turn in the model's chat template
     tolerable_loss: float = 0.01  # relative: 0.01 = at most 1% worse than the fp model
     max_trials: int = 10
 
@@ -299,6 +311,7 @@ class BenchConfig(Section):
     num_fewshot: int | None = None
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = False  # task prompts as a user turn in the model's chat template
     data: str | None = None  # perplexity on this source's eval split
     seq_len: int = Field(256, ge=2)
     eval_batch_size: int = Field(4, ge=1)

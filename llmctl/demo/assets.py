@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from llmctl.data import Template, write_dataset
+from llmctl.evaluation import write_choice_task
 
 # Bump when the contents change, so that directories built by an older version are rebuilt.
 ASSETS_VERSION = 7
@@ -531,27 +532,9 @@ def _polite(rng: random.Random, answer: str) -> str:
 
 def write_lm_task(folder: Path, sentiment_eval: list[dict[str, str]]) -> None:
     """``demo_sentiment``: multiple choice over the three labels, scored by log-likelihood."""
-    import yaml
-
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "demo_sentiment.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in sentiment_eval))
-    labels = list(SENTIMENT_LABELS)
-    task = {
-        "task": "demo_sentiment",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{instruction}}\n\nContent: {{input}}\n\nSentiment:",
-        "doc_to_choice": labels,
-        "doc_to_target": "{{" + repr(labels) + ".index(output)}}",
-        "target_delimiter": " ",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                        for m in ("acc", "acc_norm")],
-        "metadata": {"version": 1.0},
-    }
-    (folder / "demo_sentiment.yaml").write_text(yaml.safe_dump(task, sort_keys=False, width=1000))
+    write_choice_task(folder, "demo_sentiment", sentiment_eval,
+                      "{{instruction}}\n\nContent: {{input}}\n\nSentiment:", "output",
+                      list(SENTIMENT_LABELS))
 
 
 # -- tokenizer ------------------------------------------------------------------------------------

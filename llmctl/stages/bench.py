@@ -68,7 +68,8 @@ def bench_model(recipe: Recipe, cfg: BenchConfig, source, path: str) -> dict:
         model = model.to(device())
     if cfg.tasks:
         entry["tasks"] = lm_eval_tasks(model, tokenizer, cfg.tasks, cfg.task_path,
-                                       cfg.num_fewshot, cfg.limit, cfg.batch_size)
+                                       cfg.num_fewshot, cfg.limit, cfg.batch_size,
+                                       cfg.apply_chat_template)
         for task, values in entry["tasks"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "stderr" not in k)
             console.print(f"    {task}: {shown}")

@@ -2,8 +2,11 @@
 
 The simpler alternative to reward + PPO: no reward model, no sampling; the policy learns from
 chosen/rejected pairs directly, regularised towards the reference model by ``beta``. With LoRA
-the reference is the same model with the adapter switched off. Setup -> train -> evaluate
-(rewards/accuracies: how often the implicit reward ranks chosen above rejected) -> save.
+the reference is the same model with the adapter switched off. A chat source (``template =
+"chat"``) gives the prompt as a user turn and the answers as assistant turns. Setup -> score the
+label task before (when the chosen answers are a few labels) -> train -> evaluate
+(rewards/accuracies: how often the implicit reward ranks chosen above rejected) -> score after
+-> save.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from trl import DPOConfig as TrlDPOConfig
 from trl import DPOTrainer
 
 from llmctl import distributed
-from llmctl.data import hf_dataset, preference_split
+from llmctl.data import hf_dataset, preference_split, preference_template
 from llmctl.errors import UserError
+from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
+    task_accuracy_metrics
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.recipe import DpoConfig, Recipe
@@ -43,6 +48,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     peft_config = lora_config(cfg.lora, model, "dpo.lora") if cfg.method == "lora" else None
     stage_header("dpo", f"{cfg.method} on {inputs['model']}: {len(train_split):,} pairs, "
                         f"beta {cfg.beta}, loss {cfg.loss_type}")
+    # Pairs whose answers are a few labels (right over wrong) are also a task: how often the
+    # right label is the model's most likely answer, before and after.
+    template = preference_template(source, tokenizer)
+    eval_rows = preference_split(source, "eval", key).rows()[:EVAL_TASK_ROWS]
+    labels = candidate_labels(eval_rows, template)
+    hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 
     stage = StageRun.start(recipe, "dpo", inputs)
     cache = str(stage.cache_dir)
@@ -58,6 +69,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     before = trainer.evaluate()
     train(trainer, stage)
     after = trainer.evaluate()
+    hits_after = label_hits(trainer.model, tokenizer, eval_rows, template, labels) if labels else None
     console.print(f"  held-out pairs ranked right by the implicit reward: "
                   f"{before['eval_rewards/accuracies']:.1%} before -> "
                   f"{after['eval_rewards/accuracies']:.1%} after")
@@ -77,5 +89,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "global_step": trainer.state.global_step,
         **batch_metrics(cfg), **schedule_metrics(trainer),
     }
+    if labels:
+        metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
     stage.finish(metrics, {output: output, **logs})
     return metrics
+

@@ -5,7 +5,9 @@ same model with the adapter switched off, the value model is the policy's weight
 head, and the reward model comes from the reward stage. trl's PPOTrainer feeds the *policy's*
 token ids to the reward model, which is only right when both share a tokenizer; for a reward
 model with its own vocabulary (the course's OPT policy + DeBERTa reward) llmctl hands trl a
-`TextReward` that decodes the policy's query+response to text and re-tokenizes it for the
+`TextReward` that turns the policy's query+response into text (decoded, or with
+``ppo.reward_text`` a format string over the prompt row and the answer, such as
+"{response}: {text}" for an encoder trained on "label: tweet") and re-tokenizes it for the
 reward model. Then: score held-out prompts before -> train -> score after -> save the adapter
 (and, with ``merge = true``, a merged standalone model). Checkpoints every ``save_steps``
 batches let a killed run resume, which trl's own loop cannot (see ``resumable``).
@@ -16,18 +18,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from types import SimpleNamespace
 
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, TrainerCallback, set_seed
 
 from llmctl import distributed
 from llmctl.data import ChatTemplate, Template, make_template, open_split
-from llmctl.errors import StageFailed
-from llmctl.evaluation import reward_scores
+from llmctl.errors import StageFailed, UserError
+from llmctl.evaluation import paired_sem, reward_scores
 from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
     resolve_precision, save_model
 from llmctl.progress import console, save_loss_curve, stage_header
@@ -53,23 +56,35 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     reward_tokenizer = load_tokenizer(inputs["reward_model"], recipe.model)
     reward_model = load_classifier(inputs["reward_model"], recipe.model).eval()
     reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-    text_reward = TextReward(reward_model, reward_tokenizer, tokenizer, cfg.reward_max_length,
-                             cfg.reward_batch_size)
-    shared = shares_tokenizer(tokenizer, reward_tokenizer) and hasattr(reward_model, "score")
-    trl_reward = reward_model if shared else text_reward
-    stage_header("ppo", f"policy {inputs['model']}, reward {inputs['reward_model']} "
-                        f"({'shared tokenizer' if shared else 'own tokenizer: re-tokenized text'})")
 
     # -- prompts ----------------------------------------------------------------------------
     source = recipe.data_source("ppo", cfg.data)
     template = make_template(source, tokenizer)
     fields = template.prompt_fields
     key = f"data.{cfg.data}"
-    train_queries = queries(open_split(source, fields, "train", key).rows(), template)
-    eval_queries = queries(open_split(source, fields, "eval", key).rows(), template)[:cfg.eval_prompts]
-    train_ds = tokenize_queries(train_queries, tokenizer, cfg.query_max_length)
+    train_rows = open_split(source, fields, "train", key).rows()
+    eval_rows = open_split(source, fields, "eval", key).rows()[:cfg.eval_prompts]
+    train_ids = query_ids(train_rows, template, tokenizer, cfg.query_max_length)
+    eval_ids = query_ids(eval_rows, template, tokenizer, cfg.query_max_length)
+    if cfg.reward_text:
+        unknown = [f for f in Template(cfg.reward_text).fields if f not in [*fields, "response"]]
+        if unknown:
+            raise UserError(f"ppo.reward_text: {{{unknown[0]}}} is not a field of the prompts "
+                            f"(fields: {', '.join([*fields, 'response'])})")
+    use_distinct_pad(tokenizer, [*train_ids, *eval_ids], policy, value_model)
+    train_ds = Dataset.from_dict({"input_ids": train_ids})
 
-    rewards_before = sampled_rewards(policy, tokenizer, eval_queries, text_reward, cfg, recipe.run.seed)
+    reward_input = RewardInput(tokenizer, cfg.reward_text,
+                               [*zip(train_ids, train_rows), *zip(eval_ids, eval_rows)])
+    text_reward = TextReward(reward_model, reward_tokenizer, reward_input, cfg.reward_max_length,
+                             cfg.reward_batch_size)
+    shared = shares_tokenizer(tokenizer, reward_tokenizer) and hasattr(reward_model, "score") \
+        and not cfg.reward_text
+    trl_reward = reward_model if shared else text_reward
+    stage_header("ppo", f"policy {inputs['model']}, reward {inputs['reward_model']} "
+                        f"({'shared tokenizer' if shared else 'own tokenizer: re-tokenized text'})")
+
+    rewards_before = sampled_rewards(policy, tokenizer, eval_ids, text_reward, cfg, recipe.run.seed)
     stage = StageRun.start(recipe, "ppo", inputs)
     precision = resolve_precision(cfg.precision)
     args = PPOConfig(
@@ -101,7 +116,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     trainer.add_callback(DiscardSuperseded(stage))
     trainer.train_from(checkpoint)
     policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
-    rewards_after = sampled_rewards(policy_model, tokenizer, eval_queries, text_reward, cfg,
+    rewards_after = sampled_rewards(policy_model, tokenizer, eval_ids, text_reward, cfg,
                                     recipe.run.seed)
     reward_before, reward_after = mean(rewards_before), mean(rewards_after)
     gain_sem = paired_sem(rewards_before, rewards_after)
@@ -150,43 +165,71 @@ def shares_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id
 
 
+class RewardInput:
+    """The text a reward model reads for a rollout, from its token ids (padding removed).
+
+    By default the decoded query and response. With ``reward_text`` (a format string over the
+    prompt row's fields and ``{response}``, the policy's answer alone) the reward model reads
+    what it was trained on, e.g. ``"{response}: {text}"``; the row is found by the query's
+    token ids, which every rollout starts with.
+    """
+
+    def __init__(self, tokenizer, reward_text: str | None, queries: list[tuple[list[int], dict]]):
+        self.tokenizer = tokenizer
+        self.format = Template(reward_text) if reward_text else None
+        self.rows = {tuple(ids): row for ids, row in queries}
+        self.lengths = sorted({len(ids) for ids, _ in queries})
+
+    def __call__(self, ids: list[int]) -> str:
+        if self.format is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        for n in self.lengths:
+            row = self.rows.get(tuple(ids[:n]))
+            if row is not None:
+                response = self.tokenizer.decode(ids[n:], skip_special_tokens=True).strip()
+                return self.format.render({**row, "response": response})
+        raise StageFailed("ppo.reward_text: a rollout starts with no known query")
+
+
 class TextReward(nn.Module):
     """A reward model behind trl's PPO interface that scores *text*, not the policy's token ids.
 
     trl calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)`` and
     then ``model.score(hidden_states[-1])``, reading the value at each sequence's last token.
-    Here the "backbone" decodes every row with the policy's tokenizer, scores the text with the
+    Here the "backbone" turns every row into text (:class:`RewardInput`), scores it with the
     reward model and its own tokenizer, and returns that score at every position; ``score`` is
-    the identity. The reward trl sees is exactly the reward model's score of the decoded text.
+    the identity. The reward trl sees is exactly the reward model's score of that text.
     """
 
     base_model_prefix = "backbone"
 
-    def __init__(self, reward_model, reward_tokenizer, policy_tokenizer, max_length: int,
-                 batch_size: int):
+    def __init__(self, reward_model, reward_tokenizer, reward_input: RewardInput,
+                 max_length: int, batch_size: int):
         super().__init__()
-        self.backbone = _ScoreDecodedText(reward_model, reward_tokenizer, policy_tokenizer,
-                                          max_length, batch_size)
+        self.backbone = _ScoreText(reward_model, reward_tokenizer, reward_input, max_length,
+                                   batch_size)
         self.score = nn.Identity()
 
-    def score_texts(self, texts: list[str]) -> list[float]:
-        b = self.backbone
-        return reward_scores(b.reward_model, b.reward_tokenizer, texts, b.max_length, b.batch_size)
+    def score_ids(self, sequences: list[list[int]]) -> list[float]:
+        """Rewards of rollouts given as token ids without padding."""
+        return self.backbone.score_texts([self.backbone.reward_input(ids) for ids in sequences])
 
 
-class _ScoreDecodedText(nn.Module):
-    def __init__(self, reward_model, reward_tokenizer, policy_tokenizer, max_length, batch_size):
+class _ScoreText(nn.Module):
+    def __init__(self, reward_model, reward_tokenizer, reward_input, max_length, batch_size):
         super().__init__()
-        self.reward_model = reward_model
-        self.reward_tokenizer, self.policy_tokenizer = reward_tokenizer, policy_tokenizer
+        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
+        self.reward_input = reward_input
         self.max_length, self.batch_size = max_length, batch_size
 
+    def score_texts(self, texts: list[str]) -> list[float]:
+        return reward_scores(self.reward_model, self.reward_tokenizer, texts, self.max_length,
+                             self.batch_size)
+
     def forward(self, input_ids, attention_mask, **unused):
-        texts = [self.policy_tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        texts = [self.reward_input(ids[mask.bool()].tolist())
                  for ids, mask in zip(input_ids, attention_mask)]
-        scores = torch.tensor(reward_scores(self.reward_model, self.reward_tokenizer, texts,
-                                            self.max_length, self.batch_size),
-                              device=input_ids.device)
+        scores = torch.tensor(self.score_texts(texts), device=input_ids.device)
         hidden = scores[:, None, None].expand(input_ids.shape[0], input_ids.shape[1], 1)
         return SimpleNamespace(hidden_states=(hidden,))
 
@@ -302,38 +345,48 @@ class AdaptiveKL(TrainerCallback):
             args.kl_coef *= 1 + error * self.batch_size / self.horizon
 
 
-def queries(rows: list[dict], template: Template | ChatTemplate) -> list[str]:
-    return [template.context(row) for row in rows]
+def query_ids(rows: list[dict], template: Template | ChatTemplate, tokenizer,
+              max_length: int) -> list[list[int]]:
+    """Each prompt row as the token ids PPO continues (the template's context, truncated)."""
+    texts = [template.context(row) for row in rows]
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
-def tokenize_queries(texts: list[str], tokenizer, max_length: int):
-    from datasets import Dataset
-
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return Dataset.from_dict({"input_ids": ids})
+def use_distinct_pad(tokenizer, queries: list[list[int]], *models) -> None:
+    """A pad token that no query contains. trl's PPO masks every pad token out of attention,
+    and chat models often pad with their end-of-turn token, which chat prompts are full of
+    (SmolLM2 pads with <|im_end|>): the policy would be trained on prompts it cannot see."""
+    used = {t for ids in queries for t in ids}
+    if tokenizer.pad_token_id not in used:
+        return
+    for token, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+        if token_id not in used and token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            for model in models:
+                model.config.pad_token_id = token_id
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.pad_token_id = token_id
+            return
+    raise UserError(f"ppo: the pad token {tokenizer.pad_token!r} occurs in the prompts and the "
+                    f"tokenizer has no other special token to pad with")
 
 
 @torch.inference_mode()
-def sampled_rewards(policy, tokenizer, prompts: list[str], reward: TextReward, cfg: PpoConfig,
-                    seed: int, samples: int = 4) -> list[float]:
-    """Rewards of responses to held-out prompts, sampled as PPO samples them (temperature, no
-    top-k/top-p), several per prompt, from a fixed seed: the quantity PPO maximises. The same
-    seed before and after training pairs the draws, which makes the gain's error small."""
+def sampled_rewards(policy, tokenizer, prompts: list[list[int]], reward: TextReward,
+                    cfg: PpoConfig, seed: int, samples: int = 4) -> list[float]:
+    """Rewards of responses to held-out prompts (token ids), sampled as PPO samples them
+    (temperature, no top-k/top-p), several per prompt, from a fixed seed: the quantity PPO
+    maximises. The same seed before and after training pairs the draws, which makes the gain's
+    error small."""
     policy.eval()
     torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id
     gen = GenerationConfig(max_new_tokens=cfg.response_length, do_sample=True, top_k=0, top_p=1.0,
                            temperature=cfg.temperature, num_return_sequences=samples,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    texts = []
+                           pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    sequences = []
     for i in range(0, len(prompts), 8):
-        batch = tokenizer(prompts[i:i + 8], return_tensors="pt", padding=True, truncation=True,
-                          max_length=cfg.query_max_length, return_token_type_ids=False).to(device())
+        batch = tokenizer.pad({"input_ids": prompts[i:i + 8]}, return_tensors="pt").to(device())
         out = policy.generate(**batch, generation_config=gen)
-        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-    return reward.score_texts(texts)
-
-
-def paired_sem(before: list[float], after: list[float]) -> float:
-    """Standard error of mean(after) - mean(before) over paired draws (same prompt, same slot);
-    at least 4 draws, since eval_prompts >= 1 and each prompt gets 4 samples."""
-    return stdev(a - b for a, b in zip(after, before)) / math.sqrt(len(before))
+        sequences += [[t for t in row if t != pad] for row in out.tolist()]
+    return reward.score_ids(sequences)

@@ -117,7 +117,8 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
 
     def task_score(model) -> float:
         results = lm_eval_tasks(model, tokenizer, [cfg.task], cfg.task_path, limit=cfg.limit,
-                                batch_size=cfg.eval_batch_size)
+                                batch_size=cfg.eval_batch_size,
+                                apply_chat_template=cfg.apply_chat_template)
         if cfg.task_metric not in results[cfg.task]:
             raise UserError(f"quantize.task_metric: {cfg.task} reports no {cfg.task_metric!r} "
                             f"(it has {', '.join(sorted(results[cfg.task]))})")

@@ -17,7 +17,8 @@ from trl import SFTConfig, SFTTrainer
 from llmctl import distributed
 from llmctl.data import hf_dataset, make_template, open_split
 from llmctl.errors import UserError
-from llmctl.evaluation import candidate_labels, label_accuracy
+from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
+    task_accuracy_metrics
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, \
     max_positions
 from llmctl.progress import console, stage_header
@@ -25,8 +26,6 @@ from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
 from llmctl.training import batch_metrics, eval_cap, loss_first_last, save_trained, \
     save_training_log, schedule_metrics, show_progress, train, training_args
-
-EVAL_TASK_ROWS = 200  # rows scored for eval_task_accuracy_before/after
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -57,7 +56,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     eval_rows = eval_split.rows()[:EVAL_TASK_ROWS]
     labels = candidate_labels(eval_rows, template) if cfg.eval_task else None
-    accuracy_before = label_accuracy(model, tokenizer, eval_rows, template, labels) if labels else None
+    hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 
     stage = StageRun.start(recipe, "sft", inputs)
     cache = str(stage.cache_dir)
@@ -90,7 +89,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     # -- train ------------------------------------------------------------------------------
     train(trainer, stage)
     eval_loss = float(trainer.evaluate()["eval_loss"])
-    accuracy_after = label_accuracy(trainer.model, tokenizer, eval_rows, template, labels) \
+    hits_after = label_hits(trainer.model, tokenizer, eval_rows, template, labels) \
         if labels else None
 
     # -- save -------------------------------------------------------------------------------
@@ -110,12 +109,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if labels:
-        metrics["eval_task_accuracy_before"] = accuracy_before
-        metrics["eval_task_accuracy_after"] = accuracy_after
-        metrics["eval_task_chance"] = 1 / len(labels)
-        console.print(f"  label accuracy on {len(eval_rows)} held-out rows: "
-                      f"{accuracy_before:.3f} before -> {accuracy_after:.3f} after "
-                      f"(chance {1 / len(labels):.3f})")
+        metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
     stage.finish(metrics, {output: output, **logs})
     return metrics
 
