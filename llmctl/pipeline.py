@@ -84,6 +84,10 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                     if path and is_local(path) and not Path(path).exists():
                         raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
                                         f"does not exist")
+        if stage == "ppo":
+            from llmctl.stages.ppo import check_reward_text
+
+            check_reward_text(cfg.reward_text, recipe.data_source("ppo", cfg.data))
         for name, path in recipe.upstream_inputs(stage).items():
             upstream = stage_of_path(path, recipe.run_dir)
             if upstream in produced:

@@ -143,3 +143,108 @@ max_new_tokens = 4
     assert text == ("<|im_start|>system\nAnswer in one word.<|im_end|>\n"
                     "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n")
     assert rendered["metrics"]["num_prompts"] == 1
+
+
+def chat_prefs_recipe(tmp_path, assets, chat_model) -> "Path":
+    """Preference pairs on the demo's headlines (the headline as the user's question, the right
+    label over a wrong one) as a chat source, and a two-step DPO on the tiny chat model."""
+    import random
+
+    from llmctl.data import open_dataset, write_dataset
+
+    labels = ("negative", "neutral", "positive")
+    for split in ("train", "eval"):
+        ds = open_dataset(assets[f"sentiment_{split}"])
+        rows = [{"input": str(ds[i]["input"]), "output": str(ds[i]["output"])}
+                for i in range(min(len(ds), 24))]
+        rng = random.Random(0)
+        write_dataset(str(tmp_path / f"prefs_{split}"), [
+            {"prompt": f"Sentiment of: {r['input']}", "chosen": r["output"],
+             "rejected": rng.choice([x for x in labels if x != r["output"]])} for r in rows], split)
+    recipe = tmp_path / "dpo.toml"
+    recipe.write_text(recipe_head(tmp_path / "run", "chat-dpo", prefs={
+        "path": str(tmp_path / "prefs_train"), "eval_path": str(tmp_path / "prefs_eval"),
+        "template": "chat", "system": "Answer with one word."}) + f"""
+[dpo]
+model = "{chat_model}"
+data = "prefs"
+max_steps = 2
+batch_size = 4
+max_length = 96
+lr = 1e-3
+logging_steps = 1
+save_steps = 2
+""")
+    return recipe
+
+
+def test_chat_preference_pairs_are_conversations(tmp_path, assets, chat_model, capsys):
+    """DPO on a chat source: the prompt is a system + user turn and the answers are assistant
+    turns (trl's conversational format, which it renders with the chat template), the label
+    task is scored in the same rendering, and the stage reports its gain with a standard error."""
+    from transformers import AutoTokenizer
+
+    from llmctl.data import hf_dataset, preference_template
+    from llmctl.recipe import load_recipe
+
+    recipe = chat_prefs_recipe(tmp_path, assets, chat_model)
+    source = load_recipe(recipe).data["prefs"]
+    row = hf_dataset(source, "train", "data.prefs", "preference", str(tmp_path / "cache"))[0]
+    assert row["prompt"][0] == {"role": "system", "content": "Answer with one word."}
+    assert row["prompt"][1]["role"] == "user" and row["prompt"][1]["content"].startswith("Sentiment of: ")
+    assert row["chosen"] == [{"role": "assistant", "content": row["chosen"][0]["content"]}]
+    assert row["rejected"][0]["role"] == "assistant" and row["rejected"] != row["chosen"]
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    flat = {"prompt": row["prompt"][1]["content"], "chosen": row["chosen"][0]["content"]}
+    template = preference_template(source, tokenizer)
+    assert template.prompt(flat) == tokenizer.apply_chat_template(
+        row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert template.response(flat) == flat["chosen"]
+
+    code, _, err = run_cli(["run", recipe], capsys)
+    assert code == 0, err
+    m = manifest(tmp_path / "run" / "dpo")["metrics"]
+    assert m["eval_task_chance"] == pytest.approx(1 / 3)
+    for key in ("eval_task_accuracy_before", "eval_task_accuracy_after"):
+        assert 0 <= m[key] <= 1
+    assert m["eval_task_accuracy_gain_sem"] >= 0
+
+
+def test_ppo_pads_with_a_token_the_prompts_do_not_hold(chat_model):
+    """trl's PPO masks pad tokens out of attention; the tiny chat model pads with <|im_end|>,
+    which every chat prompt contains, so PPO switches to another special token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.stages.ppo import use_distinct_pad
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}],
+                                        add_generation_prompt=True)
+    assert tokenizer.pad_token_id in ids
+    use_distinct_pad(tokenizer, [ids], model)
+    assert tokenizer.pad_token_id not in ids and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_ppo_reward_text_reads_the_row_and_the_answer(chat_model):
+    """ppo.reward_text: the reward model reads a format over the prompt row and the answer,
+    found from a rollout's token ids (the query's ids, then the response's)."""
+    from transformers import AutoTokenizer
+
+    from llmctl.data import ChatTemplate
+    from llmctl.errors import StageFailed
+    from llmctl.stages.ppo import RewardInput, query_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    template = ChatTemplate(tokenizer, user="Sentiment of: {text}", assistant="label")
+    rows = [{"text": "Shares plunged."}, {"text": "Profit rose."}]
+    queries = query_ids(rows, template, tokenizer, 64)
+    reward_input = RewardInput(tokenizer, "{response}: {text}", list(zip(queries, rows)))
+    answer = tokenizer("negative<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert reward_input(queries[0] + answer) == "negative: Shares plunged."
+    assert reward_input(queries[1] + answer) == "negative: Profit rose."
+    plain = RewardInput(tokenizer, None, [])
+    assert plain(queries[0] + answer) == tokenizer.decode(queries[0] + answer, skip_special_tokens=True)
+    with pytest.raises(StageFailed, match="reward_text"):
+        reward_input(answer)

@@ -61,12 +61,24 @@ def test_smollm2_converts_with_the_files_special_tokens(real):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+SMALL = {  # every stage of the real recipe, a few steps or rows each
+    "data.tweets.limit": 24, "data.prefs.limit": 16, "data.reward_pairs.limit": 64,
+    "sft.max_steps": 3, "sft.eval_max_batches": 1, "reward.max_steps": 4,
+    "ppo.steps": 1, "ppo.batch_size": 4, "ppo.mini_batches": 1, "ppo.ppo_epochs": 1,
+    "ppo.eval_prompts": 2, "dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.eval_max_batches": 1,
+    "quantize.limit": 6, "bench.limit": 6, "bench.eval_max_batches": 1,
+    "bench.latency.new_tokens": 4, "bench.latency.runs": 1,
+}
+
+
 def test_real_recipe_runs_in_small(real, tmp_path, capsys):
-    """sft (chat, the course's LoRA), merge, reward (MiniLM) and generate, a few steps each."""
+    """Every stage of the real recipe (chat SFT with the course's LoRA, merge, MiniLM reward,
+    PPO with the reward re-tokenized, chat DPO, dynamic INT8, bench, generate), a few steps
+    each."""
     run_dir = tmp_path / "run"
-    small = ["--run-dir", str(run_dir), "--set", "data.tweets.limit=24",
-             "--set", "data.reward_pairs.limit=64", "--set", "sft.max_steps=3",
-             "--set", "sft.eval_max_batches=1", "--set", "reward.max_steps=4"]
+    small = ["--run-dir", str(run_dir)]
+    for key, value in SMALL.items():
+        small += ["--set", f"{key}={value}"]
     code, out, err = run_cli(["run", RECIPE, "--dry-run", *small], capsys)
     assert code == 0, err
     code, _, err = run_cli(["run", RECIPE, *small], capsys)
@@ -82,6 +94,13 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     path = str(run_dir / "reward" / "model")
     scores = reward_scores(load_classifier(path), load_tokenizer(path), ["a b", "c d e"])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    ppo = manifest(run_dir / "ppo")
+    assert ppo["reward_tokenizer_shared"] is False and "reward_gain_sem" in ppo["metrics"]
+    dpo = manifest(run_dir / "dpo")["metrics"]
+    assert 0 <= dpo["eval_task_accuracy_after"] <= 1 and dpo["eval_task_chance"] == 1 / 3
+    bench = manifest(run_dir / "bench")["metrics"]
+    for label in ("dpo", "ppo", "quantize"):
+        assert 0 <= bench[f"{label}/tweet_sentiment.acc"] <= 1
     rows = [json.loads(line) for line in
             (run_dir / "generate" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["input"].endswith("<|im_start|>assistant\n") for r in rows)

@@ -172,6 +172,12 @@ def _cases():
                                    "ppo.model=\"{root}/bad/model_dir\""],
          "ppo.reward_model: {root}/run/reward/model does not exist and no stage of this recipe "
          "produces it"),
+        ("ppo-reward-text-field", ["ppo", r, "--set", "ppo.data=\"sentiment\"", "--set",
+                                   "ppo.reward_text=\"{{response}}: {{tweet}}\""],
+         "ppo.reward_text: {{tweet}} is not a field of the prompts (fields: instruction, input, "
+         "response)"),
+        ("ppo-reward-text-no-response", ["ppo", r, "--set", "ppo.reward_text=\"{{input}}\""],
+         "ppo.reward_text: must contain {{response}}"),
         ("set-without-value", ["pretrain", r, "--set", "pretrain.lr"], "--set 'pretrain.lr'"),
         ("ingest-not-utf8", ["data", "ingest", "{root}/bad/rows_latin1.jsonl", "--to", "{root}/ds1"],
          "rows_latin1.jsonl: not UTF-8"),
@@ -187,7 +193,7 @@ def _cases():
 # Checked again with --dry-run: it must refuse what the run refuses.
 DRY_RUN = {"data-no-table", "scheduler", "config-unknown-field", "dataset-missing",
            "tokenizer-missing", "quantize-method", "quantize-bnb-cpu", "upstream-nobody-makes",
-           "upstream-not-run",
+           "upstream-not-run", "ppo-reward-text-field", "ppo-reward-text-no-response",
            "stage-dir-not-ours", "bench-unknown-task", "negative-lr"}
 
 

@@ -34,7 +34,7 @@ from llmctl.evaluation import paired_sem, reward_scores
 from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
     resolve_precision, save_model
 from llmctl.progress import console, save_loss_curve, stage_header
-from llmctl.recipe import PpoConfig, Recipe
+from llmctl.recipe import DataSource, PpoConfig, Recipe
 from llmctl.rundir import StageRun, require_input
 from llmctl.training import DiscardSuperseded, show_progress
 
@@ -66,11 +66,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     eval_rows = open_split(source, fields, "eval", key).rows()[:cfg.eval_prompts]
     train_ids = query_ids(train_rows, template, tokenizer, cfg.query_max_length)
     eval_ids = query_ids(eval_rows, template, tokenizer, cfg.query_max_length)
-    if cfg.reward_text:
-        unknown = [f for f in Template(cfg.reward_text).fields if f not in [*fields, "response"]]
-        if unknown:
-            raise UserError(f"ppo.reward_text: {{{unknown[0]}}} is not a field of the prompts "
-                            f"(fields: {', '.join([*fields, 'response'])})")
+    check_reward_text(cfg.reward_text, source)
     use_distinct_pad(tokenizer, [*train_ids, *eval_ids], policy, value_model)
     train_ds = Dataset.from_dict({"input_ids": train_ids})
 
@@ -352,6 +348,20 @@ def query_ids(rows: list[dict], template: Template | ChatTemplate, tokenizer,
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
+def check_reward_text(reward_text: str | None, source: DataSource) -> None:
+    """ppo.reward_text may name the prompt rows' fields and {response}, nothing else."""
+    if not reward_text:
+        return
+    if source.template == "chat":
+        fields = ["messages"] if source.user is None else Template(source.user).fields
+    else:
+        fields = Template.get(source.template).prompt_fields
+    unknown = [f for f in Template(reward_text).fields if f not in [*fields, "response"]]
+    if unknown:
+        raise UserError(f"ppo.reward_text: {{{unknown[0]}}} is not a field of the prompts "
+                        f"(fields: {', '.join([*fields, 'response'])})")
+
+
 def use_distinct_pad(tokenizer, queries: list[list[int]], *models) -> None:
     """A pad token that no query contains. trl's PPO masks every pad token out of attention,
     and chat models often pad with their end-of-turn token, which chat prompts are full of
@@ -359,7 +369,9 @@ def use_distinct_pad(tokenizer, queries: list[list[int]], *models) -> None:
     used = {t for ids in queries for t in ids}
     if tokenizer.pad_token_id not in used:
         return
-    for token, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+    special = {**dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens)),
+               **{i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}}
+    for token_id, token in sorted(special.items()):
         if token_id not in used and token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = token
             for model in models:
