@@ -61,6 +61,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     for row, (news, label) in zip(rows, showcase.items()):
         assert news in row["input"] and row["completions"][0].split()[0] == label, row
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
+    assert "INT8 speed" in out  # the ratio comes with what it means at this size
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
     assert code == 0 and err.count("up to date, skipped") == 7

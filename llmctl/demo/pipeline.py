@@ -71,10 +71,32 @@ def print_summary(summary: dict[str, dict], seconds: float, generations: Path) -
         table.add_row(stage, ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys))
     out = Console()
     out.print(table)
+    note = int8_speed_note(summary)
+    if note:
+        out.print(note)
     if generations.exists():
         for line in generations.read_text().splitlines():
             row = json.loads(line)
             out.print(f"[bold]{row['input']}[/]{row['completions'][0]}")
+
+
+def int8_speed_note(summary: dict[str, dict]) -> str | None:
+    """What the INT8 speed ratio means at the demo's size: a table alone would show a noisy
+    0.8x or 1.9x as if it were a finding."""
+    bench, quantize = summary.get("bench", {}), summary.get("quantize", {})
+    speedup = bench.get("quantize/speedup_greedy_b1")
+    if speedup is None:
+        return None
+    params = summary.get("pretrain", {}).get("num_params")
+    size = f"{params / 1e6:.1f}M parameters" if params else "this size"
+    saved = ""
+    if "size_bytes_after" in quantize:
+        saved = (f" What INT8 buys here is size: {quantize['size_bytes_before'] / 1e6:.1f} MB -> "
+                 f"{quantize['size_bytes_after'] / 1e6:.1f} MB.")
+    return (f"INT8 speed: {speedup:.2f}x the fp model (greedy, batch 1). At {size} a token's "
+            f"time is Python and per-op overhead, not reading weights, so dynamic INT8 cannot "
+            f"pay and this ratio is noise (0.7x-1.9x across our runs).{saved} On an "
+            f"OPT-125m-shaped model it decodes 1.7x faster: scripts/bench_generate.py.")
 
 
 def _fmt(value: float) -> str:
