@@ -26,40 +26,51 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert pretrain["train_loss_last"] < pretrain["train_loss_first"] - 2.0
     assert pretrain["eval_perplexity"] < 1000  # 4,096-token vocabulary: uniform would be 4,096
     sft = manifest(run_dir / "sft")["metrics"]
-    # the evidence that fine-tuning teaches the task: label accuracy on held-out rows
-    assert sft["eval_task_accuracy_after"] >= sft["eval_task_accuracy_before"] + 0.15
-    assert sft["eval_task_accuracy_after"] >= sft["eval_task_chance"] + 0.15
-    assert manifest(run_dir / "merge")["metrics"]["max_abs_logit_diff"] < 1e-3
+    # the evidence that fine-tuning teaches the task: label accuracy on held-out rows (1.00 in
+    # our runs, from 0.33 before; chance 0.33)
+    assert sft["eval_task_accuracy_after"] >= 0.85
+    assert sft["eval_task_accuracy_after"] >= sft["eval_task_accuracy_before"] + 0.4
     reward = manifest(run_dir / "reward")["metrics"]
     assert reward["eval_accuracy"] > 0.6  # chosen above rejected on held-out pairs (chance 0.5)
     ppo = manifest(run_dir / "ppo")
     assert ppo["reward_tokenizer_shared"] is False  # the cross-tokenizer path
-    # the RLHF evidence: after PPO the reward model scores the policy's sampled responses to
-    # held-out prompts higher (600 responses drawn with the same seed before and after; the gain
-    # in our runs is 2.3-4.4, its standard error about 0.2), with the KL within the bound
+    # PPO on a policy SFT already taught: the reward model scores its sampled answers to
+    # held-out prompts high before PPO (2.9 in our runs, -3.0 for the old demo's LoRA SFT
+    # policy), and PPO keeps them there (gain -0.005 ± 0.005), with the KL within the bound
     metrics = ppo["metrics"]
-    assert metrics["reward_mean_after"] > metrics["reward_mean_before"] + 0.5, metrics
+    assert metrics["reward_mean_before"] > 1.0, metrics
+    assert metrics["reward_mean_after"] >= metrics["reward_mean_before"] - 0.2, metrics
     assert abs(metrics["kl_last"]) <= ppo["recipe"]["max_kl"]
     quantize = manifest(run_dir / "quantize")["metrics"]
     assert quantize["accepted"] == 1 and quantize["relative_loss"] <= quantize["tolerable_loss"]
     assert quantize["size_bytes_after"] < 0.7 * quantize["size_bytes_before"]
     bench = manifest(run_dir / "bench")["metrics"]
-    assert bench["demo_sentiment.acc"] > 0.5  # the tuned model, on lm-eval's own scoring
-    assert abs(bench["quantize/demo_sentiment.acc"] - bench["demo_sentiment.acc"]) <= 0.05
+    # On lm-eval's own scoring: PPO and INT8 keep what SFT taught (the final fp model is the
+    # plain keys, bench.models = [ppo, quantize, sft]).
+    assert bench["sft/demo_sentiment.acc"] >= 0.85
+    assert bench["demo_sentiment.acc"] >= bench["sft/demo_sentiment.acc"]
+    assert bench["quantize/demo_sentiment.acc"] >= bench["sft/demo_sentiment.acc"]
     assert bench["quantize/greedy_b1_tokens_per_second"] > 0
     assert (run_dir / "bench" / "report.md").exists()
     assert manifest(run_dir / "generate")["inputs"]["model"] == "$RUN/quantize/model"
-    assert manifest(run_dir / "generate")["metrics"]["new_tokens"] > 0
+    # the showcase headlines (not in the training data) get the right label from the INT8 model
+    showcase = {"Norvik Bank plunged": "negative", "Halden Foods raised": "positive"}
+    rows = [json.loads(line) for line in
+            (run_dir / "generate" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == len(showcase)
+    for row, (news, label) in zip(rows, showcase.items()):
+        assert news in row["input"] and row["completions"][0].split()[0] == label, row
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
+    assert "INT8 speed" in out  # the ratio comes with what it means at this size
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
-    assert code == 0 and err.count("up to date, skipped") == 8
+    assert code == 0 and err.count("up to date, skipped") == 7
     # ... and so does the same run directory moved elsewhere
     moved = tmp_path / "moved" / "demo"
     moved.parent.mkdir()
     run_dir.rename(moved)
     code, out, err = run_cli(["demo", "--run-dir", moved], capsys)
-    assert code == 0 and err.count("up to date, skipped") == 8, err
+    assert code == 0 and err.count("up to date, skipped") == 7, err
 
 
 def test_repo_demo_recipe_matches_embedded_one():
