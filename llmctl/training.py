@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import MethodType
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -84,7 +85,53 @@ def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
     trainer.add_callback(DiscardSuperseded(stage))
+    trainer.add_callback(NoFinalCheckpoint())
     return trainer.train(resume_from_checkpoint=checkpoint), start_step
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """No Trainer checkpoint at the last step unless ``save_steps`` falls there anyway.
+
+    Why: the Trainer forces one at the end (weights, optimizer state, RNG) inside the timed
+    loop, yet the stage writes the final model itself moments later and then discards the
+    checkpoints; the only window it covers is evaluation and the final save.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and state.save_steps \
+                and state.global_step % state.save_steps:
+            control.should_save = False
+
+
+class LossOnlyForward(TrainerCallback):
+    """While training a causal LM on its built-in loss, skip what the step never reads.
+
+    Why: under bf16/fp16, accelerate wraps ``model.forward`` so that every half-precision
+    output is copied to fp32; the loss is already fp32 (computed inside forward) and the
+    Trainer reads nothing else, so the copy of the batch x seq x vocab logits is pure cost.
+    The KV cache is likewise built and discarded every step (trl's SFTTrainer turns it off
+    the same way). Both are restored at the end: evaluation and scoring see the usual model.
+    """
+
+    def __init__(self):
+        self.wrapped = None
+        self.use_cache = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "use_cache", None):
+            self.use_cache, config.use_cache = config.use_cache, False
+        forward = model.__dict__.get("forward")
+        upcast = getattr(getattr(forward, "__func__", None), "__wrapped__", None)
+        if hasattr(upcast, "model_forward"):  # accelerate's ConvertOutputsToFp32
+            self.wrapped = forward
+            model.forward = MethodType(upcast.model_forward, model)  # autocast stays
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.wrapped is not None:
+            model.forward, self.wrapped = self.wrapped, None
+        if self.use_cache is not None:
+            model.config.use_cache, self.use_cache = self.use_cache, None
 
 
 class DiscardSuperseded(TrainerCallback):

@@ -1,15 +1,21 @@
-"""Training throughput: `llmctl pretrain` against a minimal hand-written PyTorch loop.
+"""Training throughput: `llmctl pretrain` and `llmctl sft` against minimal hand-written loops.
 
 Measured in one run, on the same model, batch, sequence length and precision:
 
 1. the machine's matmul peak (bf16 and fp32), the denominator of model FLOPs utilisation;
-2. a hand-written loop (AdamW, cosine schedule, grad clipping) over in-memory token tensors;
+2. a hand-written loop (fused AdamW, cosine schedule, grad clipping) over in-memory token tensors;
 3. `llmctl pretrain` itself (HF Trainer, Deep Lake streaming, rich progress, checkpointing off);
-4. the data pipeline alone: Deep Lake streaming + tokenize + pack against in-memory tensors.
+4. the data pipeline alone: Deep Lake streaming + tokenize + pack against in-memory tensors;
+5. SmolLM2-135M-Instruct LoRA SFT (the course's r 16 / alpha 32 / dropout 0.05 on q_proj and
+   v_proj, bf16 autocast, chat template, completion-only loss): a hand loop over the very batches
+   trl's collator makes against `llmctl sft`, in steady-state optimizer steps/s. Skipped, with a
+   message, when the converted model or the tweets dataset is not in the cache (`make real`).
 
-Prints tokens/s, the llmctl/hand-loop ratio (target >= 0.95) and MFU. Usage:
+Each pair alternates (hand, llmctl, hand, ...) and reports medians. Prints both llmctl/hand-loop
+ratios (target >= 0.95) and MFU. Usage:
 
-    python scripts/bench_train.py [--precision bf16|fp32] [--steps 30] [--layers 6 --width 512]
+    python scripts/bench_train.py [--precision bf16|fp32] [--steps 25] [--layers 6 --width 512]
+        [--smollm2 DIR] [--tweets DIR] [--sft-steps 15] [--sft-repeats 2] [--no-sft]
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig, get_cosine_schedule_with_warmup
 
-from llmctl.data import Template, TokenBlocks, open_split
+from llmctl.data import Template, TokenBlocks, hf_dataset, open_split
 from llmctl.demo.assets import build_assets
-from llmctl.models import load_tokenizer
+from llmctl.models import load_causal_lm, load_tokenizer
 from llmctl.pipeline import run_stage
 from llmctl.recipe import DataSource, load_recipe
 
@@ -136,6 +142,146 @@ def data_pipeline(assets: dict, tokenizer, blocks: torch.Tensor, args) -> tuple[
     return streaming, in_memory
 
 
+# -- SmolLM2 LoRA SFT ------------------------------------------------------------------------------
+
+TWEETS_USER = ("What is the sentiment of this tweet? Answer negative, neutral or positive.\n\n"
+               "Tweet: {text}")
+SFT_LR, SFT_WARMUP = 5e-4, 2
+
+
+def tweets_source(tweets: Path) -> DataSource:
+    return DataSource(path=str(tweets), eval_path=str(tweets).replace("_train-", "_eval-"),
+                      template="chat", user=TWEETS_USER, assistant="sentiment")
+
+
+def sft_batches(model_dir: Path, tweets: Path, workdir: Path, args) -> list[dict]:
+    """The first ``sft_steps`` batches exactly as `llmctl sft` trains on them: trl tokenizes the
+    chat rows and its collator pads them and masks the prompts; seed 0 on both sides gives the
+    same sampler order (checked below through the loss of step 1)."""
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    data = hf_dataset(tweets_source(tweets), "train", "data.tweets", "prompt_completion",
+                      str(workdir / "cache"))
+    config = SFTConfig(output_dir=str(workdir / "prep"), seed=0, data_seed=0, report_to=[],
+                       per_device_train_batch_size=args.batch, max_length=args.seq_len,
+                       packing=False, completion_only_loss=True, use_cpu=True,
+                       bf16=args.precision == "bf16")
+    trainer = SFTTrainer(model=load_causal_lm(str(model_dir)), args=config, train_dataset=data,
+                         processing_class=tokenizer)
+    batches = list(islice(iter(trainer.get_train_dataloader()), args.sft_steps))
+    return [{k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches]
+
+
+def sft_hand_loop(model_dir: Path, batches: list[dict], args) -> tuple[float, float]:
+    """Steady-state steps/s of a plain LoRA loop doing the work trl does: peft LoRA on q/v, bf16
+    autocast, fused AdamW, clipping at 1.0, and the completion-only loss computed, as trl's
+    default chunked NLL does, with the LM head applied to the kept (completion) positions only.
+    Also returns the loss of step 1, which depends only on the batch (LoRA's B starts at 0)."""
+    from peft import get_peft_model
+
+    from llmctl.models import lora_config
+    from llmctl.recipe import LoraConfig
+
+    torch.manual_seed(0)
+    base = load_causal_lm(str(model_dir))
+    lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(base, lora_config(lora, base, "sft.lora"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=SFT_LR, weight_decay=0.0, fused=True)
+    sched = get_cosine_schedule_with_warmup(opt, SFT_WARMUP, len(batches))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    first_loss = None
+    for step, batch in enumerate(batches):
+        if step == SKIP:
+            t_steady = time.perf_counter()
+        with autocast:
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state[:, :-1]
+            labels = batch["labels"][:, 1:]
+            keep = labels != -100
+            logits = head(hidden[keep])
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if first_loss is None:
+            first_loss = loss.item()
+    return (len(batches) - SKIP) / (time.perf_counter() - t_steady), first_loss
+
+
+def llmctl_sft(model_dir: Path, tweets: Path, workdir: Path, args) -> dict:
+    source = tweets_source(tweets)
+    recipe_path = workdir / "bench-sft.toml"
+    recipe_path.write_text(f"""
+[run]
+name = "bench-sft"
+dir = "{workdir / 'run'}"
+seed = 0
+[model]
+name_or_path = "{model_dir}"
+[data.tweets]
+path = "{source.path}"
+eval_path = "{source.eval_path}"
+template = "chat"
+user = {json.dumps(TWEETS_USER)}
+assistant = "sentiment"
+[sft]
+data = "tweets"
+method = "lora"
+lora = {{ r = 16, alpha = 32, dropout = 0.05, target_modules = ["q_proj", "v_proj"] }}
+seq_len = {args.seq_len}
+packing = false
+batch_size = {args.batch}
+max_steps = {args.sft_steps}
+lr = {SFT_LR}
+warmup_steps = {SFT_WARMUP}
+precision = "{args.precision}"
+logging_steps = 1
+save_steps = {args.sft_steps * 10}
+eval_max_batches = 1
+eval_task = false
+""")
+    return run_stage(load_recipe(recipe_path), "sft")
+
+
+def bench_sft(args) -> dict | None:
+    model_dir, tweets = Path(args.smollm2), Path(args.tweets)
+    missing = [str(p) for p in (model_dir / "config.json", tweets) if not p.exists()]
+    if missing:
+        print(f"\nSFT part skipped: {', '.join(missing)} not found (`make real` converts "
+              f"SmolLM2-135M-Instruct and writes the tweets; or pass --smollm2 / --tweets)")
+        return None
+    runs = {"hand": [], "llmctl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = sft_batches(model_dir, tweets, Path(tmp), args)
+    tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches[SKIP:])
+    for rep in range(args.sft_repeats):
+        hand, hand_first = sft_hand_loop(model_dir, batches, args)
+        runs["hand"].append(hand)
+        with tempfile.TemporaryDirectory() as tmp:
+            m = llmctl_sft(model_dir, tweets, Path(tmp), args)
+        runs["llmctl"].append(m["steps_per_second_steady"])
+        print(f"sft repeat {rep + 1}: hand loop {hand:.3f} steps/s, llmctl "
+              f"{runs['llmctl'][-1]:.3f} steps/s (steady-state); loss of step 1: hand "
+              f"{hand_first:.4f}, llmctl {m['train_loss_first']:.4f}", flush=True)
+    hand, ours = statistics.median(runs["hand"]), statistics.median(runs["llmctl"])
+    return {
+        "sft_model": f"SmolLM2-135M-Instruct LoRA r16 q/v, {m['trainable_params']:,} trainable",
+        "sft_steps": args.sft_steps, "sft_repeats": args.sft_repeats,
+        "sft_tokens_per_step": round(tokens, 1),
+        "sft_hand_loop_steps_per_s": round(hand, 4), "sft_llmctl_steps_per_s": round(ours, 4),
+        "sft_hand_loop_tokens_per_s": round(hand * tokens, 1),
+        "sft_llmctl_tokens_per_s": round(ours * tokens, 1),
+        "sft_llmctl_over_hand_loop_steady": round(ours / hand, 3),
+        "sft_step1_loss_hand_llmctl": [round(hand_first, 4), round(m["train_loss_first"], 4)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -146,6 +292,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--assets", default=".llmctl-cache/assets")
+    parser.add_argument("--smollm2",
+                        default=".llmctl-cache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f",
+                        help="SmolLM2-135M-Instruct as a converted HF directory (SFT part)")
+    parser.add_argument("--tweets", default=".llmctl-cache/datasets/tweets_train-agree-s0-400-50",
+                        help="the tweets train split (Deep Lake); its eval split beside it")
+    parser.add_argument("--sft-steps", type=int, default=15)
+    parser.add_argument("--sft-repeats", type=int, default=2)
+    parser.add_argument("--no-sft", action="store_true", help="pretrain part only")
     args = parser.parse_args()
 
     assets = build_assets(Path(args.assets), seed=0)
@@ -201,6 +355,11 @@ def main() -> None:
           f"(target >= 0.95), {result['llmctl_over_hand_loop']:.3f} including start-up; MFU {result['mfu_llmctl']:.1%} of the measured "
           f"{args.precision} matmul peak; Deep Lake streaming feeds "
           f"{result['stream_over_training']:.0f}x the tokens training consumes")
+    sft = None if args.no_sft else bench_sft(args)
+    if sft:
+        print(json.dumps(sft, indent=2))
+        print(f"\nllmctl sft / hand loop (SmolLM2-135M LoRA): "
+              f"{sft['sft_llmctl_over_hand_loop_steady']:.3f} steady-state (target >= 0.95)")
     if not math.isfinite(ours):
         raise SystemExit(1)
 

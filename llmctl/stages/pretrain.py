@@ -19,8 +19,9 @@ from llmctl.models import build_causal_lm, count_params, human_count, load_causa
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, \
-    save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
+from llmctl.training import LossOnlyForward, ThroughputMeter, batch_metrics, eval_cap, \
+    loss_first_last, save_trained, save_training_log, schedule_metrics, show_progress, train, \
+    training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -70,6 +71,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     show_progress(trainer, "pretrain", tokens_per_step)
     meter = ThroughputMeter()
     trainer.add_callback(meter)
+    trainer.add_callback(LossOnlyForward())
 
     # -- train ------------------------------------------------------------------------------
     result, start_step = train(trainer, stage)

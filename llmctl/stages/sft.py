@@ -24,8 +24,8 @@ from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_con
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe, SftConfig
 from llmctl.rundir import StageRun, require_input
-from llmctl.training import batch_metrics, eval_cap, loss_first_last, save_trained, \
-    save_training_log, schedule_metrics, show_progress, train, training_args
+from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, \
+    save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
 
 
 def run(recipe: Recipe, run_dir: Path) -> dict:
@@ -83,11 +83,13 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     if cfg.fp32_norms_and_head:
         keep_head_output_fp32(trainer.model)
     show_progress(trainer, "sft", cfg.batch_size * cfg.grad_accum * cfg.seq_len)
+    meter = ThroughputMeter()
+    trainer.add_callback(meter)
     trainable, total = count_params(trainer.model, trainable_only=True), count_params(trainer.model)
     console.print(f"  trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
     # -- train ------------------------------------------------------------------------------
-    train(trainer, stage)
+    result, start_step = train(trainer, stage)
     eval_loss = float(trainer.evaluate()["eval_loss"])
     hits_after = label_hits(trainer.model, tokenizer, eval_rows, template, labels) \
         if labels else None
@@ -106,8 +108,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss),
         "global_step": trainer.state.global_step,
+        "steps_per_second": max(trainer.state.global_step - start_step, 1)
+        / result.metrics["train_runtime"],
         **batch_metrics(cfg), **schedule_metrics(trainer),
     }
+    if meter.steps_per_second():  # after warm-up, as pretrain's tokens_per_second_steady
+        metrics["steps_per_second_steady"] = meter.steps_per_second()
     if labels:
         metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
     stage.finish(metrics, {output: output, **logs})
