@@ -85,22 +85,7 @@ def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
     trainer.add_callback(DiscardSuperseded(stage))
-    trainer.add_callback(NoFinalCheckpoint())
     return trainer.train(resume_from_checkpoint=checkpoint), start_step
-
-
-class NoFinalCheckpoint(TrainerCallback):
-    """No Trainer checkpoint at the last step unless ``save_steps`` falls there anyway.
-
-    Why: the Trainer forces one at the end (weights, optimizer state, RNG) inside the timed
-    loop, yet the stage writes the final model itself moments later and then discards the
-    checkpoints; the only window it covers is evaluation and the final save.
-    """
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps and state.save_steps \
-                and state.global_step % state.save_steps:
-            control.should_save = False
 
 
 class LossOnlyForward(TrainerCallback):
