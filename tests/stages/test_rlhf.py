@@ -105,13 +105,13 @@ def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_
 
     from llmctl.evaluation import reward_scores
     from llmctl.models import load_classifier, load_tokenizer
-    from llmctl.stages.ppo import TextReward
+    from llmctl.stages.ppo import RewardInput, TextReward
 
     reward_dir = str(reward_run.parent / "run" / "reward" / "model")
     policy_tok = load_tokenizer(str(pretrained_model), padding_side="left")
     reward_tok = load_tokenizer(reward_dir)
     reward_model = load_classifier(reward_dir).eval()
-    wrapper = TextReward(reward_model, reward_tok, policy_tok, 96, 4)
+    wrapper = TextReward(reward_model, reward_tok, RewardInput(policy_tok, None, []), 96, 4)
     queries = ["Question: What is 7 plus 5?\n\nAnswer:", "Question: Spell cat backwards.\n\nAnswer:"]
     responses = [" 12.", " I don't care."]
     q = policy_tok(queries, return_tensors="pt", padding=True)["input_ids"]
