@@ -66,15 +66,16 @@ SMALL = {  # every stage of the real recipe, a few steps or rows each
     "sft.max_steps": 3, "sft.eval_max_batches": 1, "reward.max_steps": 4,
     "ppo.steps": 1, "ppo.batch_size": 4, "ppo.mini_batches": 1, "ppo.ppo_epochs": 1,
     "ppo.eval_prompts": 2, "dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.eval_max_batches": 1,
-    "quantize.limit": 6, "bench.limit": 6, "bench.eval_max_batches": 1,
+    "quantize.limit": 6, "quantize.calibration_samples": 2, "quantize.tolerable_loss": 1.0,
+    "bench.limit": 6, "bench.eval_max_batches": 1,
     "bench.latency.new_tokens": 4, "bench.latency.runs": 1,
 }
 
 
 def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     """Every stage of the real recipe (chat SFT with the course's LoRA, merge, MiniLM reward,
-    PPO with the reward re-tokenized, chat DPO, dynamic INT8, bench, generate), a few steps
-    each."""
+    PPO with the reward re-tokenized, chat DPO, OpenVINO static INT8, bench, generate), a few
+    steps each."""
     run_dir = tmp_path / "run"
     small = ["--run-dir", str(run_dir)]
     for key, value in SMALL.items():
