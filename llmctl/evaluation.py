@@ -240,7 +240,7 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
 
 
 def write_choice_task(folder, name: str, rows: list[dict[str, Any]], doc_to_text: str,
-                      label_field: str, labels: list[str], target_delimiter: str = " ") -> Path:
+                      label_field: str, labels: list[str]) -> Path:
     """A local lm-evaluation-harness task (``task_path = folder``): multiple choice over
     ``labels``, the rows as its test split (JSON lines beside the YAML), scored by
     log-likelihood (acc, acc_norm). ``doc_to_text`` is a Jinja template over the rows' fields."""
@@ -259,7 +259,7 @@ def write_choice_task(folder, name: str, rows: list[dict[str, Any]], doc_to_text
         "doc_to_text": doc_to_text,
         "doc_to_choice": list(labels),
         "doc_to_target": "{{" + repr(list(labels)) + ".index(" + label_field + ")}}",
-        "target_delimiter": target_delimiter,
+        "target_delimiter": " ",
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                         for m in ("acc", "acc_norm")],
         "metadata": {"version": 1.0},

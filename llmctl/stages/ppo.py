@@ -66,7 +66,6 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     eval_rows = open_split(source, fields, "eval", key).rows()[:cfg.eval_prompts]
     train_ids = query_ids(train_rows, template, tokenizer, cfg.query_max_length)
     eval_ids = query_ids(eval_rows, template, tokenizer, cfg.query_max_length)
-    check_reward_text(cfg.reward_text, source)
     use_distinct_pad(tokenizer, [*train_ids, *eval_ids], policy, value_model)
     train_ds = Dataset.from_dict({"input_ids": train_ids})
 
@@ -349,7 +348,8 @@ def query_ids(rows: list[dict], template: Template | ChatTemplate, tokenizer,
 
 
 def check_reward_text(reward_text: str | None, source: DataSource) -> None:
-    """ppo.reward_text may name the prompt rows' fields and {response}, nothing else."""
+    """ppo.reward_text may name the prompt rows' fields and {response}, nothing else (checked in
+    preflight, before every run and dry run)."""
     if not reward_text:
         return
     if source.template == "chat":
