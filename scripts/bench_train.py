@@ -15,7 +15,7 @@ Each pair alternates (hand, llmctl, hand, ...) and reports medians. Prints both 
 ratios (target >= 0.95) and MFU. Usage:
 
     python scripts/bench_train.py [--precision bf16|fp32] [--steps 25] [--layers 6 --width 512]
-        [--smollm2 DIR] [--tweets DIR] [--sft-steps 15] [--sft-repeats 2] [--no-sft]
+        [--smollm2 DIR] [--tweets DIR] [--sft-steps 15] [--sft-repeats 2] [--no-sft | --no-pretrain]
 """
 
 from __future__ import annotations
@@ -279,6 +279,7 @@ def bench_sft(args) -> dict | None:
         "sft_llmctl_tokens_per_s": round(ours * tokens, 1),
         "sft_llmctl_over_hand_loop_steady": round(ours / hand, 3),
         "sft_step1_loss_hand_llmctl": [round(hand_first, 4), round(m["train_loss_first"], 4)],
+        "sft_llmctl_loss_chunk_tokens": m.get("loss_chunk_tokens"),
     }
 
 
@@ -300,8 +301,19 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=15)
     parser.add_argument("--sft-repeats", type=int, default=2)
     parser.add_argument("--no-sft", action="store_true", help="pretrain part only")
+    parser.add_argument("--no-pretrain", action="store_true", help="SFT part only")
     args = parser.parse_args()
 
+    if not args.no_pretrain:
+        bench_pretrain(args)
+    sft = None if args.no_sft else bench_sft(args)
+    if sft:
+        print(json.dumps(sft, indent=2))
+        print(f"\nllmctl sft / hand loop (SmolLM2-135M LoRA): "
+              f"{sft['sft_llmctl_over_hand_loop_steady']:.3f} steady-state (target >= 0.95)")
+
+
+def bench_pretrain(args) -> dict:
     assets = build_assets(Path(args.assets), seed=0)
     tokenizer = load_tokenizer(assets["tokenizer"])
     config = OPTConfig(vocab_size=len(tokenizer), num_hidden_layers=args.layers,
@@ -355,13 +367,9 @@ def main() -> None:
           f"(target >= 0.95), {result['llmctl_over_hand_loop']:.3f} including start-up; MFU {result['mfu_llmctl']:.1%} of the measured "
           f"{args.precision} matmul peak; Deep Lake streaming feeds "
           f"{result['stream_over_training']:.0f}x the tokens training consumes")
-    sft = None if args.no_sft else bench_sft(args)
-    if sft:
-        print(json.dumps(sft, indent=2))
-        print(f"\nllmctl sft / hand loop (SmolLM2-135M LoRA): "
-              f"{sft['sft_llmctl_over_hand_loop_steady']:.3f} steady-state (target >= 0.95)")
     if not math.isfinite(ours):
         raise SystemExit(1)
+    return result
 
 
 if __name__ == "__main__":
