@@ -16,26 +16,15 @@ from typing import Optional
 import click
 import typer
 
-from llmctl.errors import UserError
 from llmctl.env import quiet_libraries
+from llmctl.errors import UserError
+from llmctl.stages import REGISTRY, STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain, fine-tune, align, merge, quantize, benchmark and run language "
                        "models from TOML recipes.")
 data_app = typer.Typer(no_args_is_help=True, help="Manage Deep Lake datasets.")
 app.add_typer(data_app, name="data")
-
-STAGE_HELP = {
-    "pretrain": "Train a causal LM from a config (or continue one) on streamed text.",
-    "sft": "Supervised fine-tuning: LoRA, QLoRA or full.",
-    "reward": "Train a reward model on chosen/rejected pairs.",
-    "ppo": "RLHF: optimise the policy against the reward model with PPO.",
-    "dpo": "Direct preference optimisation on chosen/rejected pairs.",
-    "merge": "Merge a LoRA adapter into its base model.",
-    "quantize": "Quantize a model (neural-compressor, OpenVINO, bitsandbytes).",
-    "bench": "Benchmark a model: lm-eval tasks, perplexity, latency.",
-    "generate": "Generate text with any stage's model.",
-}
 
 RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False)
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: runs/<run.name>).")
@@ -88,19 +77,20 @@ def _stage_command(stage: str):
         loaded.stage_config(stage)
         if dry_run:
             _dry_run(loaded, [stage], distributed.describe(loaded, stage)
-                     if stage in distributed.TRAINING_STAGES else None)
+                     if STAGES[stage].trains else None)
             return
         run_stage(loaded, stage)
 
-    command.__doc__ = STAGE_HELP[stage]
+    command.__doc__ = STAGES[stage].help
     return command
 
 
-for _stage in ("pretrain", "sft", "reward", "ppo", "dpo", "merge", "quantize", "bench"):
-    app.command(_stage, help=STAGE_HELP[_stage])(_stage_command(_stage))
+for _spec in REGISTRY:
+    if _spec.name != "generate":  # its own command below: prompts and output options
+        app.command(_spec.name, help=_spec.help)(_stage_command(_spec.name))
 
 
-@app.command("generate", help=STAGE_HELP["generate"])
+@app.command("generate", help=STAGES["generate"].help)
 def generate_command(
     recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),

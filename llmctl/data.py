@@ -23,7 +23,8 @@ import torch
 
 from llmctl.errors import UserError
 from llmctl.paths import is_remote
-from llmctl.recipe import DataSource, read_text
+from llmctl.recipe import read_text
+from llmctl.schema import DataSource
 
 # The course's templates, by name. A recipe may also give a format string of its own.
 TEMPLATES = {
@@ -558,3 +559,18 @@ def preview(view, limit: int, columns: list[str] | None = None) -> tuple[list[st
         cols = [_to_list(block[c]) for c in names]
         rows = [[_as_text(col[i]) for col in cols] for i in range(n)]
     return names, rows
+
+
+def check_row_format(text: str | None, source: DataSource, key: str) -> None:
+    """A format string over a prompt row (``ppo.reward_text``, a GRPO model reward's ``text``)
+    may name the source's prompt fields and {response}, nothing else: checked in preflight."""
+    if not text:
+        return
+    if source.template == "chat":
+        fields = ["messages"] if source.user is None else Template(source.user).fields
+    else:
+        fields = Template.get(source.template).prompt_fields
+    unknown = [f for f in Template(text).fields if f not in [*fields, "response"]]
+    if unknown:
+        raise UserError(f"{key}: {{{unknown[0]}}} is not a field of the prompts "
+                        f"(fields: {', '.join([*fields, 'response'])})")

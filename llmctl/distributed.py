@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from llmctl.errors import UserError
-from llmctl.recipe import DistributedConfig
-
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+from llmctl.schema import DistributedConfig
+from llmctl.stages import STAGES
 
 
 def world_size() -> int:
@@ -82,7 +81,7 @@ def check_supported(cfg: DistributedConfig) -> None:
 
 
 def should_launch(cfg: DistributedConfig, stage: str) -> bool:
-    return stage in TRAINING_STAGES and cfg.num_processes > 1 and not is_launched()
+    return STAGES[stage].trains and cfg.num_processes > 1 and not is_launched()
 
 
 def launch_command(cfg: DistributedConfig, argv: list[str]) -> list[str]:

@@ -23,7 +23,6 @@ import torch
 
 from llmctl.data import Template
 from llmctl.errors import UserError
-from llmctl.models import device
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
 EVAL_TASK_ROWS = 200  # held-out rows a training stage scores before and after

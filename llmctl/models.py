@@ -34,8 +34,8 @@ from llmctl.fingerprint import model_fingerprint
 from llmctl.gguf import is_gguf, read_metadata
 from llmctl.paths import looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
-from llmctl.recipe import LoraConfig, ModelConfig
 from llmctl.rundir import BASE_FINGERPRINT
+from llmctl.schema import LoraConfig, ModelConfig
 
 # Where LoRA goes when the recipe does not say: the attention query/value projections, as in
 # the LoRA paper and the course (OPT: q_proj, v_proj -> 3,145,728 trainable of 1.3B at r=16).

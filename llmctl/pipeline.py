@@ -8,37 +8,36 @@ exactly what a run would.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Callable
 
 from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import changed
 from llmctl.paths import is_local, looks_local
 from llmctl.progress import console
-from llmctl.recipe import PIPELINE, Recipe, describe_changes
+from llmctl.recipe import Recipe, describe_changes
 from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
     stage_identity, stage_of_path
-
-
-def stage_function(stage: str) -> Callable:
-    """A stage is the module llmctl.stages.<name> and its run(recipe, run_dir)."""
-    return importlib.import_module(f"llmctl.stages.{stage}").run
+from llmctl.stages import STAGES, StageContext
 
 
 def run_stage(recipe: Recipe, stage: str) -> dict:
-    recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
+    """Check, then run one stage (once per process when it trains on several); its metrics."""
+    cfg = recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
+    spec = STAGES[stage]
     with run_dir_lock(recipe.run_dir):
-        preflight(recipe, [stage])
-        if stage in distributed.TRAINING_STAGES:
+        preflight(recipe, [stage])  # every input exists and loads
+        if spec.trains:
             distributed.check_supported(recipe.distributed)
             if distributed.should_launch(recipe.distributed, stage):
                 # The same stage, once per process, under torchrun / accelerate launch.
                 distributed.launch(recipe, stage)
                 return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})
             distributed.init()
-        return stage_function(stage)(recipe, recipe.run_dir)
+        from transformers import set_seed
+
+        set_seed(recipe.run.seed)
+        return spec.run(StageContext(recipe, stage, cfg, recipe.upstream_inputs(stage)))
 
 
 def why_stale(recipe: Recipe, stage: str) -> str | None:
@@ -77,22 +76,20 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
         check_replaceable(recipe.run_dir / stage, stage)
         for key in ("data", "calibration"):
             name = getattr(cfg, key, None)
-            if name is not None or (key == "data" and stage in NEEDS_DATA):
+            if name is not None or (key == "data" and STAGES[stage].reads_data):
                 source = recipe.data_source(stage, name, key)
                 for field in ("path", "eval_path"):
                     path = getattr(source, field)
                     if path and is_local(path) and not Path(path).exists():
                         raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
                                         f"does not exist")
-        if stage == "ppo":
-            from llmctl.stages.ppo import check_reward_text
-
-            check_reward_text(cfg.reward_text, recipe.data_source("ppo", cfg.data))
+        if STAGES[stage].check:  # the stage's own rules, before loading what it reads
+            STAGES[stage].check(recipe, cfg)
         for name, path in recipe.upstream_inputs(stage).items():
             upstream = stage_of_path(path, recipe.run_dir)
             if upstream in produced:
                 continue
-            if upstream and upstream in PIPELINE and getattr(recipe, upstream) is None \
+            if upstream and upstream in STAGES and getattr(recipe, upstream) is None \
                     and not Path(path).exists():
                 raise UserError(f"{stage}.{name}: {path} does not exist and no stage of this "
                                 f"recipe produces it (add a [{upstream}] table or set "
@@ -105,33 +102,16 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                     raise UserError(f"{stage}.adapter: {path} is not a LoRA adapter directory "
                                     f"(no adapter_config.json)")
                 check_loadable(path, recipe.model, f"{stage}.{name}",
-                               causal_lm=stage != "reward" and name != "reward_model")
+                               causal_lm=stage != "reward" and not name.startswith("reward_model"))
         for key in ("tokenizer", "task_path", "prompts_file"):
             path = getattr(cfg, key, None)
             if path and looks_local(path) and not Path(path).exists():
                 raise UserError(f"{recipe.source}: {stage}.{key}: {path} does not exist")
-        if stage == "pretrain" and not cfg.tokenizer and recipe.model.tokenizer \
-                and looks_local(recipe.model.tokenizer) and not Path(recipe.model.tokenizer).exists():
-            raise UserError(f"{recipe.source}: model.tokenizer: {recipe.model.tokenizer} "
-                            f"does not exist")
         if getattr(cfg, "init", None) == "config":
             from llmctl.models import check_config_overrides
 
             check_config_overrides(cfg.architecture, cfg.config, f"{recipe.source}: {stage}.config")
-        if stage == "quantize":
-            from llmctl.quantization import check_supported
-
-            check_supported(cfg.backend, cfg.method, cfg.bits)
-        if stage in ("quantize", "bench") and getattr(cfg, "task", None) or \
-                stage == "bench" and cfg.tasks:
-            from llmctl.evaluation import check_tasks
-
-            tasks = [cfg.task] if stage == "quantize" else cfg.tasks
-            check_tasks(tasks, cfg.task_path, f"{stage}.{'task' if stage == 'quantize' else 'tasks'}")
         produced.add(stage)
-
-
-NEEDS_DATA = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def plan(recipe: Recipe, force: bool = False, stages: list[str] | None = None
@@ -153,13 +133,12 @@ def plan(recipe: Recipe, force: bool = False, stages: list[str] | None = None
 
 
 def run_all(recipe: Recipe, force: bool = False, stages: list[str] | None = None) -> dict[str, str]:
-    """Run the recipe's stages in PIPELINE order; returns stage -> "ran" | "skipped"."""
+    """Run the recipe's stages in pipeline order; returns stage -> "ran" | "skipped"."""
     outcome = {}
     with run_dir_lock(recipe.run_dir):
         steps = plan(recipe, force, stages)
         preflight(recipe, [s for s, reason in steps if reason is not None])
         for stage, _ in steps:
-            assert stage in PIPELINE
             reason = "--force" if force else why_stale(recipe, stage)  # an upstream may have run
             if reason is None:
                 console.print(f"[dim]llmctl {stage}: up to date, skipped[/]")

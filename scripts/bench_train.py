@@ -40,7 +40,8 @@ from llmctl.data import Template, TokenBlocks, hf_dataset, open_split
 from llmctl.demo.assets import build_assets
 from llmctl.models import load_causal_lm, load_tokenizer
 from llmctl.pipeline import run_stage
-from llmctl.recipe import DataSource, load_recipe
+from llmctl.recipe import load_recipe
+from llmctl.schema import DataSource
 
 
 SKIP = 3  # warm-up steps left out of steady-state figures (llmctl.training.ThroughputMeter)
@@ -181,7 +182,7 @@ def sft_hand_loop(model_dir: Path, batches: list[dict], args) -> tuple[float, fl
     from peft import get_peft_model
 
     from llmctl.models import lora_config
-    from llmctl.recipe import LoraConfig
+    from llmctl.schema import LoraConfig
 
     torch.manual_seed(0)
     base = load_causal_lm(str(model_dir))

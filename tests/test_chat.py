@@ -251,7 +251,8 @@ def test_ppo_reward_text_reads_the_row_and_the_answer(chat_model):
 
     from llmctl.data import ChatTemplate
     from llmctl.errors import StageFailed
-    from llmctl.stages.ppo import RewardInput, query_ids
+    from llmctl.stages.ppo import query_ids
+    from llmctl.trainers.ppo import RewardInput
 
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     template = ChatTemplate(tokenizer, user="Sentiment of: {text}", assistant="label")

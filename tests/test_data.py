@@ -6,7 +6,7 @@ import pytest
 
 from llmctl.data import Template, TokenBlocks, open_split, read_records, write_dataset
 from llmctl.errors import UserError
-from llmctl.recipe import DataSource
+from llmctl.schema import DataSource
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert news in row["input"] and row["completions"][0].split()[0] == label, row
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
     assert "INT8 speed" in out  # the ratio comes with what it means at this size
+    check_demo_grpo(run_dir, tmp_path / "demo-grpo", capsys)
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
     assert code == 0 and err.count("up to date, skipped") == 7
@@ -74,6 +75,23 @@ def test_demo_end_to_end(tmp_path, capsys):
     run_dir.rename(moved)
     code, out, err = run_cli(["demo", "--run-dir", moved], capsys)
     assert code == 0 and err.count("up to date, skipped") == 7, err
+
+
+def check_demo_grpo(demo_dir: Path, run_dir: Path, capsys) -> None:
+    """recipes/demo-grpo.toml on this demo's assets and pretrained model: GRPO with the
+    `label_match` reward alone raises held-out label accuracy by more than two standard errors
+    of the gain."""
+    assets = demo_dir / "assets"
+    code, _, err = run_cli(
+        ["run", REPO / "recipes" / "demo-grpo.toml", "--run-dir", run_dir,
+         "--set", f'data.sentiment.path="{assets / "sentiment_train"}"',
+         "--set", f'data.sentiment.eval_path="{assets / "sentiment_eval"}"',
+         "--set", f'sft.model="{demo_dir / "pretrain" / "model"}"'], capsys)
+    assert code == 0, err
+    grpo = manifest(run_dir / "grpo")["metrics"]
+    gain = grpo["eval_task_accuracy_after"] - grpo["eval_task_accuracy_before"]
+    assert gain > 2 * grpo["eval_task_accuracy_gain_sem"], grpo
+    assert grpo["eval_reward_after"] > grpo["eval_reward_before"], grpo
 
 
 def test_repo_demo_recipe_matches_embedded_one():

@@ -185,7 +185,7 @@ def test_course_lora_trainable_count():
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from llmctl.models import count_params
-    from llmctl.recipe import LoraConfig
+    from llmctl.schema import LoraConfig
     from llmctl.models import lora_config
 
     config = OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192,

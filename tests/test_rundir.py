@@ -3,8 +3,8 @@
 
 import pytest
 
-from llmctl.rundir import StageRun, is_complete, read_manifest, require_input
 from llmctl.errors import UserError
+from llmctl.rundir import StageRun, is_complete, read_manifest, require_input
 
 
 def stage(tmp_path, config_hash="h1"):

@@ -264,7 +264,7 @@ def test_allow_pickle_is_the_only_way_to_load_pickles(tmp_path, pretrained_model
 
     from llmctl.errors import UserError
     from llmctl.models import load_causal_lm
-    from llmctl.recipe import ModelConfig
+    from llmctl.schema import ModelConfig
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

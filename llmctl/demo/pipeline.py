@@ -16,26 +16,7 @@ from llmctl.pipeline import run_all
 from llmctl.progress import console
 from llmctl.recipe import load_recipe
 from llmctl.rundir import read_manifest
-
-# The numbers worth seeing for each stage in the summary table.
-SUMMARY_METRICS = {
-    "pretrain": ("num_params", "train_loss_first", "train_loss_last", "eval_perplexity",
-                 "tokens_per_second"),
-    "sft": ("trainable_percent", "train_loss_last", "eval_loss", "eval_task_accuracy_before",
-            "eval_task_accuracy_after"),
-    "reward": ("eval_accuracy", "eval_reward_margin"),
-    "ppo": ("reward_mean_before", "reward_mean_after", "reward_gain", "reward_gain_sem",
-            "kl_last"),
-    "dpo": ("eval_rewards_accuracy",),
-    "quantize": ("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
-                 "relative_loss", "accepted"),
-    # bench.models = [ppo, quantize, sft]: plain keys are the final fp model's
-    "bench": ("sft/demo_sentiment.acc", "demo_sentiment.acc", "quantize/demo_sentiment.acc",
-              "perplexity", "quantize/perplexity", "quantize/speedup_greedy_b1",
-              "quantize/speedup_beam4_b1"),
-    "generate": ("num_prompts", "tokens_per_second"),
-}
-
+from llmctl.stages import STAGES
 
 def write_demo_recipe(run_dir: Path, seed: int = 0) -> Path:
     """Build the assets under <run_dir>/assets and write <run_dir>/recipe.toml pointing at them."""
@@ -67,7 +48,7 @@ def print_summary(summary: dict[str, dict], seconds: float, generations: Path) -
     table.add_column("stage")
     table.add_column("key numbers")
     for stage, metrics in summary.items():
-        keys = [k for k in SUMMARY_METRICS.get(stage, ()) if k in metrics]
+        keys = [k for k in STAGES[stage].summary if k in metrics]
         table.add_row(stage, ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys))
     out = Console()
     out.print(table)

@@ -15,31 +15,26 @@ import json
 from pathlib import Path
 
 from rich.table import Table
-from transformers import set_seed
 
 from llmctl.data import heldout_blocks
-from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
+from llmctl.evaluation import lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
 from llmctl.models import device, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
 from llmctl.quantization import is_quantized_dir, weight_bytes
-from llmctl.recipe import BenchConfig, Recipe
-from llmctl.rundir import StageRun, looks_local, require_input
+from llmctl.recipe import Recipe
+from llmctl.rundir import looks_local
+from llmctl.schema import BenchConfig
+from llmctl.stages import StageContext
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: BenchConfig = recipe.stage_config("bench")
-    set_seed(recipe.run.seed)
-    models = recipe.upstream_inputs("bench")
-    for label, path in models.items():
-        require_input(path, f"bench.models ({label})")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, models = ctx.recipe, ctx.cfg, ctx.inputs
     source = recipe.data_source("bench", cfg.data) if cfg.data else None
-    if cfg.tasks:
-        check_tasks(cfg.tasks, cfg.task_path)
     stage_header("bench", f"{', '.join(models)}: {', '.join(cfg.tasks) or 'no lm-eval tasks'}"
                           f"{', perplexity' if source else ''}"
                           f"{', latency' if cfg.latency.runs else ''}")
-    stage = StageRun.start(recipe, "bench", models)
+    stage = ctx.start()
 
     report = {"device": str(device()), "models": {}}
     for label, path in models.items():

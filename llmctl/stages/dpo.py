@@ -11,9 +11,7 @@ label task before (when the chosen answers are a few labels) -> train -> evaluat
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from transformers import set_seed
 from trl import DPOConfig as TrlDPOConfig
 from trl import DPOTrainer
 
@@ -24,17 +22,13 @@ from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
     task_accuracy_metrics
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
-from llmctl.recipe import DpoConfig, Recipe
-from llmctl.rundir import StageRun, require_input
+from llmctl.stages import StageContext
 from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
     schedule_metrics, show_progress, train, training_args
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: DpoConfig = recipe.stage_config("dpo")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("dpo")
-    require_input(inputs["model"], "dpo.model")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     source = recipe.data_source("dpo", cfg.data)
     key = f"data.{cfg.data}"
@@ -55,7 +49,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     labels = candidate_labels(eval_rows, template)
     hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 
-    stage = StageRun.start(recipe, "dpo", inputs)
+    stage = ctx.start()
     cache = str(stage.cache_dir)
     args = training_args(cfg, stage, recipe,
                          args_cls=TrlDPOConfig, beta=cfg.beta, loss_type=[cfg.loss_type],

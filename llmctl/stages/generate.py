@@ -14,21 +14,19 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, set_seed
+from transformers import GenerationConfig
 
 from llmctl.data import ChatTemplate, Template
 from llmctl.errors import UserError
 from llmctl.models import device, load_causal_lm, load_tokenizer, max_positions
 from llmctl.progress import stage_header
-from llmctl.recipe import GenerateConfig, Recipe, read_text
-from llmctl.rundir import StageRun, require_input
+from llmctl.recipe import read_text
+from llmctl.schema import GenerateConfig
+from llmctl.stages import StageContext
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: GenerateConfig = recipe.stage_config("generate")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("generate")
-    require_input(inputs["model"], "generate.model")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
     prompts = read_prompts(cfg)
 
     tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")
@@ -42,7 +40,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         template = Template.get(cfg.template)
     texts = [apply_template(template, p) for p in prompts]
     check_lengths(model, tokenizer, texts, cfg)
-    stage = StageRun.start(recipe, "generate", inputs)
+    stage = ctx.start()
     t0 = time.perf_counter()
     results, new_tokens = [], 0
     for prompt, text in zip(prompts, texts):

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import set_seed
 
 from llmctl.errors import StageFailed, UserError
-from llmctl.models import adapter_base, check_adapter_base, count_params, is_adapter_dir, \
-    load_causal_lm, load_tokenizer, save_model, torch_dtype
+from llmctl.models import adapter_base, check_adapter_base, count_params, load_causal_lm, load_tokenizer, save_model, torch_dtype
 from llmctl.progress import console, stage_header
-from llmctl.recipe import MergeConfig, Recipe
-from llmctl.rundir import StageRun, require_input
+from llmctl.rundir import require_input
+from llmctl.stages import StageContext
 
 PROBE_TEXTS = [
     "Question: What is the capital of France?\n\nAnswer: ",
@@ -27,15 +25,9 @@ PROBE_TEXTS = [
 ]
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: MergeConfig = recipe.stage_config("merge")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("merge")
-    adapter = inputs["adapter"]
-    require_input(adapter, "merge.adapter")
-    if not is_adapter_dir(adapter):
-        raise UserError(f"merge.adapter: {adapter} is not a LoRA adapter directory "
-                        f"(no adapter_config.json)")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
+    adapter = inputs["adapter"]  # preflight checked it is an adapter directory
     base_path = cfg.base or adapter_base(adapter)
     require_input(base_path, "merge.base" if cfg.base else f"{adapter}/adapter_config.json: "
                                                             f"base_model_name_or_path")
@@ -68,7 +60,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         raise StageFailed(f"merge: merged model differs from base+adapter by {max_diff:.3g} "
                           f"> merge.tolerance {cfg.tolerance:g}; nothing was saved")
 
-    stage = StageRun.start(recipe, "merge", inputs)
+    stage = ctx.start()
     dtype = torch_dtype(cfg.dtype if cfg.dtype != "auto" else recipe.model.dtype)
     if dtype != "auto":
         merged = merged.to(dtype)

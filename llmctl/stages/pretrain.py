@@ -8,28 +8,22 @@ loss curve and metrics. Reads rows from Deep Lake chunk by chunk and packs them 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import Trainer, default_data_collator
 
 from llmctl import distributed
 from llmctl.data import TokenBlocks, make_template, open_split, token_blocks
 from llmctl.errors import UserError
 from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
-from llmctl.recipe import Recipe
-from llmctl.rundir import StageRun, require_input
+from llmctl.stages import StageContext
 from llmctl.training import LossOnlyForward, ThroughputMeter, batch_metrics, eval_cap, \
     loss_first_last, save_trained, save_training_log, schedule_metrics, show_progress, train, \
     training_args
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg = recipe.stage_config("pretrain")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("pretrain")
-    for name, path in inputs.items():
-        require_input(path, f"pretrain.{name}")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- setup ------------------------------------------------------------------------------
     tokenizer_path = cfg.tokenizer or recipe.model.tokenizer or inputs.get("model") \
@@ -63,7 +57,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     console.print(f"  data: {len(train_split):,} train rows, {len(eval_blocks):,} eval blocks of "
                   f"{cfg.seq_len} tokens; {max_steps:,} steps of {tokens_per_step:,} tokens")
 
-    stage = StageRun.start(recipe, "pretrain", inputs)
+    stage = ctx.start()
     args = training_args(cfg, stage, recipe,
                          max_steps=max_steps)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks,

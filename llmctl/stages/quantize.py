@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from transformers import set_seed
 
 from llmctl import quantization
 from llmctl.data import heldout_blocks, token_blocks
@@ -21,16 +20,13 @@ from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
 from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
 from llmctl.progress import console, stage_header
-from llmctl.recipe import QuantizeConfig, Recipe
-from llmctl.rundir import StageRun, require_input
+from llmctl.recipe import Recipe
+from llmctl.schema import QuantizeConfig
+from llmctl.stages import StageContext
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: QuantizeConfig = recipe.stage_config("quantize")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("quantize")
-    require_input(inputs["model"], "quantize.model")
-    quantization.check_supported(cfg.backend, cfg.method, cfg.bits)
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- setup ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(inputs["model"], recipe.model)
@@ -44,7 +40,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                              f"{metric_name} within {cfg.tolerable_loss:.1%}, "
                              f"at most {len(trials)} trial(s)")
 
-    stage = StageRun.start(recipe, "quantize", inputs)
+    stage = ctx.start()
     source_dir = inputs["model"]
     if is_adapter_dir(source_dir) or not Path(source_dir).is_dir():
         # Backends that export from disk (OpenVINO, GPTQ) need the merged fp model as a directory.

@@ -9,32 +9,25 @@ score held-out pairs (accuracy, mean margin) -> save a standalone model + its to
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from transformers import set_seed
 from trl import RewardConfig as TrlRewardConfig
-from trl import RewardTrainer
 
 from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split
-from llmctl.evaluation import accepts_argument, preference_accuracy
+from llmctl.evaluation import preference_accuracy
 from llmctl.models import build_classifier, count_params, human_count, load_classifier, \
     load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
-from llmctl.recipe import Recipe, RewardConfig
-from llmctl.rundir import StageRun, require_input
+from llmctl.stages import StageContext
+from llmctl.trainers.reward import EncoderFriendlyRewardTrainer
 from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
     schedule_metrics, show_progress, train, training_args
 
 EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: RewardConfig = recipe.stage_config("reward")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("reward")
-    for name, path in inputs.items():
-        require_input(path, f"reward.{name}")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- data -------------------------------------------------------------------------------
     source = recipe.data_source("reward", cfg.data)
@@ -57,7 +50,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_header("reward", f"{origin} ({human_count(count_params(model))} params), "
                            f"{len(train_split):,} pairs")
 
-    stage = StageRun.start(recipe, "reward", inputs)
+    stage = ctx.start()
     cache = str(stage.cache_dir)
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache),
@@ -90,29 +83,6 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     assert all(math.isfinite(v) for v in metrics.values())
     stage.finish(metrics, {"model": "model", **logs})
     return metrics
-
-
-class _WithoutUseCache(dict):
-    """A batch that ignores ``use_cache``, which encoder models' forward() does not accept."""
-
-    def __setitem__(self, key, value):
-        if key != "use_cache":
-            super().__setitem__(key, value)
-
-
-class EncoderFriendlyRewardTrainer(RewardTrainer):
-    """trl's RewardTrainer sets ``use_cache=False`` on every batch, which BERT and DeBERTa reject;
-    for them the flag is dropped (they have no cache to disable)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        base = getattr(self.model, "get_base_model", lambda: self.model)()
-        self.drop_use_cache = not accepts_argument(base, "use_cache")
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.drop_use_cache:
-            inputs = _WithoutUseCache(inputs)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int):

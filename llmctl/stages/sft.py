@@ -8,10 +8,8 @@ template) -> score the label task before -> train -> evaluate -> score after -> 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
-from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from llmctl import distributed
@@ -22,17 +20,15 @@ from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, \
     max_positions
 from llmctl.progress import console, stage_header
-from llmctl.recipe import Recipe, SftConfig
-from llmctl.rundir import StageRun, require_input
+from llmctl.recipe import Recipe
+from llmctl.schema import SftConfig
+from llmctl.stages import StageContext
 from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, \
     save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
 
 
-def run(recipe: Recipe, run_dir: Path) -> dict:
-    cfg: SftConfig = recipe.stage_config("sft")
-    set_seed(recipe.run.seed)
-    inputs = recipe.upstream_inputs("sft")
-    require_input(inputs["model"], "sft.model")
+def run(ctx: StageContext) -> dict:
+    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
     if cfg.method == "qlora":
         require_qlora_support()
 
@@ -58,7 +54,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     labels = candidate_labels(eval_rows, template) if cfg.eval_task else None
     hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 
-    stage = StageRun.start(recipe, "sft", inputs)
+    stage = ctx.start()
     cache = str(stage.cache_dir)
     # A chat model learns its assistant turns only, as trl's conversational format does.
     completion_only = cfg.completion_only_loss or source.template == "chat"

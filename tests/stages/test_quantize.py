@@ -182,7 +182,7 @@ def test_trial_ladder_inc_and_openvino():
     plain = trial_settings(_cfg(backend="openvino", method="static", bits=8,
                                 smooth_quant=False, smooth_quant_alpha=0.5), None)
     assert plain[0]["smooth_quant_alpha"] is None
-    from llmctl.recipe import QuantizeConfig
+    from llmctl.schema import QuantizeConfig
 
     with pytest.raises(ValueError, match="smooth_quant_alpha"):
         QuantizeConfig(backend="openvino", method="static", bits=8, smooth_quant_alpha=1.5)

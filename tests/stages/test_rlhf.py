@@ -1,6 +1,7 @@
-"""`llmctl reward`, `ppo` and `dpo` on tiny models: reward accuracy above chance, PPO with a
-same-tokenizer and a different-tokenizer reward model (rewards equal the reward model's score
-of the decoded text), DPO, and the errors."""
+"""`llmctl reward`, `ppo`, `dpo` and `grpo` on tiny models: reward accuracy above chance, PPO
+with a same-tokenizer and a different-tokenizer reward model (rewards equal the reward model's
+score of the decoded text), DPO, GRPO with a reward model and a verifiable reward, and the
+errors."""
 
 import json
 
@@ -56,6 +57,19 @@ batch_size = 4
 lr = 1e-3
 logging_steps = 2
 max_length = 96
+
+[grpo]
+data = "prompts"
+model = "{policy}"
+max_steps = 2
+batch_size = 8
+num_generations = 4
+max_completion_length = 8
+eval_prompts = 8
+lr = 1e-3
+save_steps = 100
+rewards = [{{ kind = "model", text = "{{instruction}} {{response}}" }},
+           {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
 {extra}
 """)
     return path
@@ -105,7 +119,7 @@ def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_
 
     from llmctl.evaluation import reward_scores
     from llmctl.models import load_classifier, load_tokenizer
-    from llmctl.stages.ppo import RewardInput, TextReward
+    from llmctl.trainers.ppo import RewardInput, TextReward
 
     reward_dir = str(reward_run.parent / "run" / "reward" / "model")
     policy_tok = load_tokenizer(str(pretrained_model), padding_side="left")
@@ -165,7 +179,7 @@ def test_adaptive_kl_steers_the_coefficient_towards_the_target():
     20% of batch/horizon per log."""
     from types import SimpleNamespace
 
-    from llmctl.stages.ppo import AdaptiveKL
+    from llmctl.trainers.ppo import AdaptiveKL
 
     controller = AdaptiveKL(target=0.1, horizon=100, batch_size=10)
     args = SimpleNamespace(kl_coef=0.2)
@@ -186,6 +200,28 @@ def test_dpo_runs(reward_run, capsys):
     m = manifest(reward_run.parent / "run" / "dpo")["metrics"]
     # the implicit reward ranks most held-out pairs right after a few steps (ties before)
     assert m["eval_rewards_accuracy"] > 0.6 and m["eval_rewards_accuracy_before"] < 0.5
+
+
+def test_grpo_with_a_reward_model_and_a_length_band(reward_run, capsys):
+    """GRPO on the tiny policy: the run's reward model (its own tokenizer, reading the prompt
+    row's instruction and the answer) and a verifiable length reward, weighted."""
+    code, _, err = run_cli(["grpo", reward_run], capsys)
+    assert code == 0, err
+    grpo_dir = reward_run.parent / "run" / "grpo"
+    m = manifest(grpo_dir)
+    assert m["inputs"] == {"model": m["inputs"]["model"], "reward_model": "$RUN/reward/model"}
+    metrics = m["metrics"]
+    assert metrics["global_step"] == 2
+    assert metrics["eval_reward_gain"] == pytest.approx(metrics["eval_reward_after"]
+                                                        - metrics["eval_reward_before"])
+    assert metrics["eval_reward_gain_sem"] >= 0
+    log = json.loads((grpo_dir / "log_history.json").read_text())
+    # trl logged both rewards, and their weighted sum is the reward it trained on
+    step = next(h for h in log if "rewards/reward_model/mean" in h)
+    assert step["reward"] == pytest.approx(step["rewards/reward_model/mean"]
+                                           + 0.5 * step["rewards/length/mean"], abs=1e-4)
+    assert metrics["reward_mean_first"] == pytest.approx(log[0]["reward"])
+    assert (grpo_dir / "adapter" / "adapter_config.json").exists()
 
 
 def test_reward_data_without_rejected_is_exit_2(reward_run, capsys, tmp_path):
@@ -222,7 +258,7 @@ def test_killed_ppo_resumes_to_the_same_step(reward_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
+@pytest.mark.parametrize("stage", ["reward", "dpo", "grpo"])
 def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, stage):
     """SIGKILL mid-training: nothing finished-looking is left, and the same command resumes from
     the last checkpoint and ends at the step count of an uninterrupted run."""
@@ -230,6 +266,9 @@ def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, sta
             "--set", f"{stage}.save_steps=4", "--set", f"{stage}.logging_steps=4"]
     if stage == "dpo":
         args += ["--set", "dpo.batch_size=8"]
+    if stage == "grpo":  # the reward model is the module's run's, not this run directory's
+        args += ["--set", f"grpo.rewards=[{{ kind = \"model\", model = "
+                          f"\"{reward_run.parent / 'run' / 'reward' / 'model'}\" }}]"]
     ckpts = tmp_path / "run" / ".partial" / stage / "checkpoints"
     kill_when(args, lambda: (ckpts / "checkpoint-8" / "trainer_state.json").exists())
     assert not (tmp_path / "run" / stage).exists()

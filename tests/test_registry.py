@@ -1,0 +1,48 @@
+"""The stage registry: every stage has help, a recipe table, a module with run(ctx), a CLI
+command, a place in `llmctl run`'s order, and a repo recipe that dry-runs it."""
+
+import importlib
+import tomllib
+from pathlib import Path
+
+from llmctl.recipe import Recipe
+from llmctl.schema import Section
+from llmctl.stages import REGISTRY, STAGES, model_stages, stage_models
+
+REPO = Path(__file__).parents[1]
+
+
+def test_every_stage_is_complete():
+    from llmctl.cli import app
+
+    commands = {c.name for c in app.registered_commands}
+    recipe_tables = {}
+    for path in sorted((REPO / "recipes").glob("*.toml")):
+        for table in tomllib.loads(path.read_text()):
+            recipe_tables.setdefault(table, path.name)
+    for spec in REGISTRY:
+        assert spec.help and "\n" not in spec.help, spec.name
+        assert issubclass(spec.config, Section)
+        assert Recipe.model_fields[spec.name].default is None  # an optional [<name>] table
+        assert spec.config in getattr(Recipe.model_fields[spec.name].annotation, "__args__", ())
+        assert callable(importlib.import_module(f"llmctl.stages.{spec.name}").run)
+        assert spec.name in commands
+        # test_recipe.test_repo_recipes_dry_run dry-runs every repo recipe
+        assert spec.name in recipe_tables, f"no recipe in recipes/ has a [{spec.name}] table"
+
+
+def test_run_order_and_default_models_come_from_the_registry(tmp_path):
+    from llmctl.recipe import load_recipe
+
+    assert [s.name for s in REGISTRY] == list(STAGES)
+    # the latest trained model is what quantize, bench and generate read by default
+    assert model_stages() == ["ppo", "grpo", "dpo", "merge", "sft", "pretrain"]
+    assert "quantize" in stage_models() and "quantize" not in model_stages()
+    path = tmp_path / "r.toml"
+    path.write_text('[run]\nname = "t"\n[model]\nname_or_path = "m"\n[data.d]\npath = "d"\n'
+                    '[generate]\n[sft]\ndata = "d"\n[grpo]\ndata = "d"\n'
+                    '[[grpo.rewards]]\nkind = "label_match"\n')
+    recipe = load_recipe(path)
+    assert recipe.stages() == ["sft", "grpo", "generate"]  # pipeline order, not file order
+    assert recipe.upstream_inputs("grpo") == {"model": "runs/t/sft/adapter"}
+    assert recipe.upstream_inputs("generate") == {"model": "runs/t/grpo/adapter"}
