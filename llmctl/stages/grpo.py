@@ -24,7 +24,7 @@ from llmctl.models import count_params, device, load_causal_lm, load_classifier,
     lora_config
 from llmctl.progress import console, stage_header
 from llmctl.rewards import build_rewards, weighted_rewards
-from llmctl.schema import ModelReward
+from llmctl.schema import LabelMatchReward, ModelReward
 from llmctl.stages import StageContext
 from llmctl.training import batch_metrics, save_trained, save_training_log, schedule_metrics, \
     show_progress, train, training_args
@@ -38,8 +38,12 @@ def run(ctx: StageContext) -> dict:
     source = recipe.data_source("grpo", cfg.data)
     template = make_template(source, tokenizer)
     key = f"data.{cfg.data}"
-    train_rows = open_split(source, template.fields, "train", key).rows()
-    eval_rows = open_split(source, template.fields, "eval", key).rows()
+    # The prompt's fields, and the labels a label_match reward compares answers with.
+    labelled = [r.field or template.response_field for r in cfg.rewards
+                if isinstance(r, LabelMatchReward)]
+    fields = list(dict.fromkeys([*template.prompt_fields, *labelled]))
+    train_rows = open_split(source, fields, "train", key).rows()
+    eval_rows = open_split(source, fields, "eval", key).rows()
     train_ds = prompt_dataset(train_rows, template)
 
     # -- policy and rewards -----------------------------------------------------------------
@@ -58,7 +62,7 @@ def run(ctx: StageContext) -> dict:
 
     # Held-out evidence: the label task (when the answers are a few labels) and the reward.
     task_rows = eval_rows[:EVAL_TASK_ROWS]
-    labels = candidate_labels(task_rows, template)
+    labels = candidate_labels(task_rows, template) if template.response_field in fields else None
     hits_before = label_hits(model, tokenizer, task_rows, template, labels) if labels else None
     held_out = eval_rows[:cfg.eval_prompts]
     rewards_before = sampled_rewards(model, tokenizer, held_out, template, funcs, weights, cfg,

@@ -68,7 +68,7 @@ max_completion_length = 8
 eval_prompts = 8
 lr = 1e-3
 save_steps = 100
-rewards = [{{ kind = "model", text = "{{instruction}} {{response}}" }},
+rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
            {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
 {extra}
 """)
@@ -204,7 +204,7 @@ def test_dpo_runs(reward_run, capsys):
 
 def test_grpo_with_a_reward_model_and_a_length_band(reward_run, capsys):
     """GRPO on the tiny policy: the run's reward model (its own tokenizer, reading the prompt
-    row's instruction and the answer) and a verifiable length reward, weighted."""
+    row's input and the answer) and a verifiable length reward, weighted."""
     code, _, err = run_cli(["grpo", reward_run], capsys)
     assert code == 0, err
     grpo_dir = reward_run.parent / "run" / "grpo"
