@@ -243,6 +243,12 @@ def main() -> None:
     if not debug:
         quiet_libraries()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # The interrupt contract (130 / 143 and what was kept) holds whatever the parent handed
+    # down: a background job of a non-interactive shell starts with SIGINT ignored, and a
+    # parent's blocked signals stay blocked across exec.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = app(standalone_mode=False)
     except click.exceptions.ClickException as err:  # usage errors: exit 2 like argparse

@@ -475,6 +475,13 @@ def test_run_dry_run_prints_the_plan(tmp_path, tiny_recipe, capsys):
 # -- 9. interrupts --------------------------------------------------------------------------------
 
 
+def _as_a_background_job():
+    """Start llmctl as a script's background job may be started: SIGINT ignored and both
+    signals blocked by the parent. The interrupt contract must hold anyway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_says_what_was_kept(tmp_path, tiny_recipe, signum, code):
@@ -482,7 +489,8 @@ def test_interrupt_says_what_was_kept(tmp_path, tiny_recipe, signum, code):
     ckpt = tmp_path / "run" / ".partial" / "pretrain" / "checkpoints" / "checkpoint-10"
     proc = subprocess.Popen([sys.executable, "-m", "llmctl", "pretrain", recipe, "--set",
                              "pretrain.max_steps=100000"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=_as_a_background_job)
     deadline = time.time() + 120
     while time.time() < deadline and not (ckpt / "trainer_state.json").exists():
         time.sleep(0.05)
