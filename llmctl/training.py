@@ -16,18 +16,14 @@ from llmctl.models import resolve_precision, save_model
 from llmctl.progress import RichProgress, console, save_loss_curve
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun
-from llmctl.schema import PpoConfig, TrainConfig
+from llmctl.schema import TrainConfig
 
 
-def training_args(cfg: TrainConfig | PpoConfig, stage: StageRun, recipe: Recipe,
+def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
                   args_cls: type[TrainingArguments] = TrainingArguments,
                   **overrides) -> TrainingArguments:
     """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table,
-    with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker. PPO's table
-    counts PPO batches instead of optimizer steps and epochs and has no scheduler or eval knobs:
-    those keep TrainingArguments' defaults, and the stage passes its own in ``overrides``."""
-    if isinstance(cfg, PpoConfig):
-        cfg = TrainConfig(**cfg.model_dump(include=PPO_TRAIN_KEYS))
+    with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker."""
     precision = resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
     seed, run_name = recipe.run.seed, f"{recipe.run.name}-{stage.stage}"
@@ -78,11 +74,6 @@ def training_args(cfg: TrainConfig | PpoConfig, stage: StageRun, recipe: Recipe,
     kwargs.update(distributed.trainer_arguments(recipe.distributed))
     kwargs.update(overrides)
     return args_cls(**kwargs)
-
-
-# What PPO's table shares with the Trainer stages' (the rest keeps TrainConfig's defaults).
-PPO_TRAIN_KEYS = {"data", "batch_size", "grad_accum", "lr", "precision", "logging_steps",
-                  "save_steps", "report_to"}
 
 
 def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:

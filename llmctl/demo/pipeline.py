@@ -18,6 +18,7 @@ from llmctl.recipe import load_recipe
 from llmctl.rundir import read_manifest
 from llmctl.stages import STAGES
 
+
 def write_demo_recipe(run_dir: Path, seed: int = 0) -> Path:
     """Build the assets under <run_dir>/assets and write <run_dir>/recipe.toml pointing at them."""
     assets = build_assets(run_dir / "assets", seed=seed)

@@ -98,13 +98,19 @@ def _ppo_inputs(recipe: "Recipe", cfg: schema.PpoConfig) -> dict[str, str]:
             "reward_model": cfg.reward_model or str(recipe.run_dir / "reward" / "model")}
 
 
+def reward_model_inputs(rewards: list) -> dict[int, str]:
+    """The input name of each model reward, by its index in grpo.rewards: reward_model,
+    reward_model_2, ..."""
+    indices = [i for i, r in enumerate(rewards) if isinstance(r, schema.ModelReward)]
+    return {i: "reward_model" if n == 1 else f"reward_model_{n}"
+            for n, i in enumerate(indices, start=1)}
+
+
 def _grpo_inputs(recipe: "Recipe", cfg: schema.GrpoConfig) -> dict[str, str]:
-    """The policy, and each model reward's model: reward_model, reward_model_2, ..."""
+    """The policy, and each model reward's model."""
     inputs = _policy_inputs(recipe, cfg)
-    models = [r for r in cfg.rewards if isinstance(r, schema.ModelReward)]
-    for n, reward in enumerate(models, start=1):
-        inputs["reward_model" if n == 1 else f"reward_model_{n}"] = \
-            reward.model or str(recipe.run_dir / "reward" / "model")
+    for i, name in reward_model_inputs(cfg.rewards).items():
+        inputs[name] = cfg.rewards[i].model or str(recipe.run_dir / "reward" / "model")
     return inputs
 
 

@@ -24,8 +24,8 @@ from llmctl.models import count_params, device, load_causal_lm, load_classifier,
     lora_config
 from llmctl.progress import console, stage_header
 from llmctl.rewards import build_rewards, weighted_rewards
-from llmctl.schema import LabelMatchReward, ModelReward
-from llmctl.stages import StageContext
+from llmctl.schema import LabelMatchReward
+from llmctl.stages import StageContext, reward_model_inputs
 from llmctl.training import batch_metrics, save_trained, save_training_log, schedule_metrics, \
     show_progress, train, training_args
 
@@ -49,12 +49,9 @@ def run(ctx: StageContext) -> dict:
     # -- policy and rewards -----------------------------------------------------------------
     model = load_causal_lm(inputs["model"], recipe.model)
     peft_config = lora_config(cfg.lora, model, "grpo.lora") if cfg.method == "lora" else None
-    reward_models = {}
-    for i, reward in enumerate(cfg.rewards):
-        if isinstance(reward, ModelReward):
-            path = inputs[reward_input_name(cfg.rewards, i)]
-            reward_models[i] = (load_classifier(path, recipe.model).eval(),
-                                load_tokenizer(path, recipe.model))
+    reward_models = {i: (load_classifier(inputs[name], recipe.model).eval(),
+                         load_tokenizer(inputs[name], recipe.model))
+                     for i, name in reward_model_inputs(cfg.rewards).items()}
     funcs, weights = build_rewards(cfg.rewards, template.response_field, reward_models)
     stage_header("grpo", f"{cfg.method} on {inputs['model']}: {len(train_rows):,} prompts, "
                          f"{cfg.num_generations} completions each, rewards "
@@ -119,12 +116,6 @@ def run(ctx: StageContext) -> dict:
         metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
     stage.finish(metrics, {output: output, **logs})
     return metrics
-
-
-def reward_input_name(rewards: list, index: int) -> str:
-    """The input name of the ``index``-th reward, a model reward: reward_model, reward_model_2..."""
-    n = sum(isinstance(r, ModelReward) for r in rewards[:index + 1])
-    return "reward_model" if n == 1 else f"reward_model_{n}"
 
 
 def prompt_dataset(rows: list[dict], template) -> Dataset:

@@ -30,7 +30,7 @@ from llmctl.evaluation import paired_sem
 from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
     save_model
 from llmctl.progress import console, save_loss_curve, stage_header
-from llmctl.schema import PpoConfig
+from llmctl.schema import PpoConfig, TrainConfig
 from llmctl.stages import StageContext
 from llmctl.trainers.ppo import AdaptiveKL, RewardInput, TextReward, resumable
 from llmctl.training import DiscardSuperseded, show_progress, training_args
@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> dict:
     rewards_before = sampled_rewards(policy, tokenizer, eval_ids, text_reward, cfg, recipe.run.seed)
     stage = ctx.start()
     args = training_args(
-        cfg, stage, recipe, args_cls=PPOConfig,
+        shared_train_config(cfg), stage, recipe, args_cls=PPOConfig,
         per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
         num_mini_batches=cfg.mini_batches, num_ppo_epochs=cfg.ppo_epochs,
         total_episodes=cfg.steps * cfg.batch_size * distributed.world_size(),  # batch_size per process
@@ -143,6 +143,15 @@ def run(ctx: StageContext) -> dict:
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     stage.finish(metrics, outputs, extra={"reward_tokenizer_shared": shared})
     return metrics
+
+
+def shared_train_config(cfg: PpoConfig) -> TrainConfig:
+    """PPO's table as the Trainer stages' table. It counts PPO batches, not optimizer steps or
+    epochs, and has no scheduler or eval knobs: those keep TrainConfig's defaults, and the PPO
+    arguments proper are passed to ``training_args`` beside it."""
+    return TrainConfig(**cfg.model_dump(include={"data", "batch_size", "grad_accum", "lr",
+                                                 "precision", "logging_steps", "save_steps",
+                                                 "report_to"}))
 
 
 def shares_tokenizer(a, b) -> bool:
