@@ -215,12 +215,16 @@ class DpoConfig(TrainConfig):
     lr: float = Field(5e-6, ge=0)
 
 
+# A reward's weight in GRPO's sum: negative for a penalty, never inf or nan.
+RewardWeight = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class LabelMatchReward(Section):
     """1 when the completion's first word is the row's label (case and punctuation aside)."""
 
     kind: Literal["label_match"]
     field: str | None = None  # the row's label field; default: the template's response field
-    weight: float = 1.0
+    weight: RewardWeight = 1.0
 
 
 class RegexReward(Section):
@@ -228,7 +232,7 @@ class RegexReward(Section):
 
     kind: Literal["regex"]
     pattern: str
-    weight: float = 1.0
+    weight: RewardWeight = 1.0
 
     @field_validator("pattern")
     @classmethod
@@ -248,7 +252,7 @@ class LengthReward(Section):
     kind: Literal["length"]
     min_tokens: int = Field(1, ge=0)
     max_tokens: int = Field(..., ge=1)
-    weight: float = 1.0
+    weight: RewardWeight = 1.0
 
     @model_validator(mode="after")
     def _band(self) -> "LengthReward":
@@ -267,7 +271,7 @@ class ModelReward(Section):
     text: str | None = None
     max_length: int = Field(512, ge=2)
     batch_size: int = Field(16, ge=1)
-    weight: float = 1.0
+    weight: RewardWeight = 1.0
 
     _text = field_validator("text")(lambda cls, value: _names_response(value))
 
@@ -279,7 +283,7 @@ class FunctionReward(Section):
 
     kind: Literal["function"]
     function: str
-    weight: float = 1.0
+    weight: RewardWeight = 1.0
 
     @field_validator("function")
     @classmethod

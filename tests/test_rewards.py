@@ -76,6 +76,7 @@ def test_user_function_must_exist():
     ('[[grpo.rewards]]\nkind = "regex"\npattern = "(unclosed"', "grpo.rewards.0.regex.pattern"),
     ('[[grpo.rewards]]\nkind = "function"\nfunction = "not a spec"', "expected module:function"),
     ('[[grpo.rewards]]\nkind = "vibes"', "grpo.rewards.0"),
+    ('[[grpo.rewards]]\nkind = "regex"\npattern = "x"\nweight = inf', "grpo.rewards.0.regex.weight"),
     ('num_generations = 8', "grpo.rewards: missing required key"),
     ('[[grpo.rewards]]\nkind = "function"\nfunction = "no_such_module_xyz:f"',
      "grpo.rewards[0].function: no module no_such_module_xyz"),
