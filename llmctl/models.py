@@ -143,8 +143,9 @@ def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = 
         raise UserError(f"{key}: {path} is not a model directory")
     if not (root / "config.json").is_file():
         raise UserError(f"{key}: {path} is not a model directory (no config.json)")
+    config = _read_json(root / "config.json")  # unreadable JSON: named here, not deep in a loader
     if causal_lm:
-        architectures = _read_json(root / "config.json").get("architectures") or []
+        architectures = config.get("architectures") or []
         if any(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
                for a in architectures):
             raise UserError(f"{key}: {path} is a {architectures[0]} (a reward or classifier "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,13 +123,41 @@ def pretrained_model(assets, tmp_path_factory):
     return root / "run" / "pretrain" / "model"
 
 
+TINY_TEXTS = [
+    "The function returns the value of the key.", "Shares of the bank rose after strong results.",
+    "Profit fell as costs climbed.", "The company cut its outlook for the year.",
+    "Question: What is 2 plus 3? Answer: 5.", "The quick brown fox jumps over the lazy dog.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A purpose-built tiny causal LM (random 2-layer OPT, tied head) and a small BPE tokenizer,
+    in well under a second: for unit tests that need a model but not a trained one."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from llmctl.demo.assets import train_tokenizer
+    from llmctl.models import load_tokenizer, save_model
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    train_tokenizer(folder, TINY_TEXTS)
+    tokenizer = load_tokenizer(str(folder))
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(tokenizer), num_hidden_layers=2, hidden_size=32, ffn_dim=64,
+                       num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, init_std=0.05)
+    save_model(OPTForCausalLM(config).eval(), tokenizer, folder)
+    return folder
+
+
 REPO = Path(__file__).parents[1]
 
 
 def kill_when(args: list[str], ready, timeout: float = 180) -> None:
     """Start `python -m llmctl ARGS`, SIGKILL it once ready() is true (it must still be running)."""
     import signal
-    import subprocess
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, args)],
@@ -143,7 +172,34 @@ def kill_when(args: list[str], ready, timeout: float = 180) -> None:
 
 def run_llmctl(args: list[str]):
     """`python -m llmctl ARGS` in a subprocess (a fresh process, as a user's rerun is)."""
-    import subprocess
 
     return subprocess.run([sys.executable, "-m", "llmctl", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO)
+
+
+# Tiers. `make test-fast` (the edit-test loop) runs `-m "not slow and not assets"`. A test is
+# marked `assets` here when it requests the demo assets, even through another fixture, and a
+# test not marked `slow` cannot start a process: the tiers cannot drift from what tests do.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "assets" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.assets)
+
+
+@pytest.fixture(autouse=True)
+def _no_llmctl_process_unless_slow(request, monkeypatch):
+    """A test not marked slow may not start llmctl (or lm_eval, torchrun) in a new process.
+    Libraries' own quick probes (cpuinfo runs `file`, `python -c`) are left alone."""
+    if request.node.get_closest_marker("slow"):
+        return
+    start = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        words = [str(a) for a in ([args] if isinstance(args, (str, os.PathLike)) else args)]
+        if any(w in ("llmctl", "lm_eval", "torchrun") or w.endswith(("/llmctl", "/torchrun"))
+               for w in words):
+            raise AssertionError(f"{request.node.nodeid} starts `{' '.join(words)[:80]}`: "
+                                 f"mark it @pytest.mark.slow")
+        start(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

@@ -42,6 +42,9 @@ class TorchDynamic:
         config = AutoConfig.from_pretrained(path)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # no_init_weights skips the tying too: without this a tied fp32 lm_head (any trial that
+        # keeps the head in fp32) stays uninitialised memory and the logits are garbage.
+        model.tie_weights()
         state = load_file(str(path / "model.safetensors"))
         model = dynamic_int8(model, settings["fp32_modules"])
         for name, module in model.named_modules():
@@ -61,7 +64,7 @@ class TorchDynamic:
         with torch.no_grad():
             for name, tensor in state.items():
                 tensors[name].copy_(tensor)
-        return model.eval()  # a tied embedding stayed tied: from_config shared the tensor
+        return model.eval()
 
 
 def dynamic_int8(model: torch.nn.Module, fp32_modules: list[str]) -> torch.nn.Module:

@@ -108,9 +108,23 @@ def test_decoder_reward_model_from_policy(tmp_path, assets, pretrained_model, ca
     m = manifest(tmp_path / "run" / "reward")
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "reward" / "model")
+    from llmctl.data import preference_split
+    from llmctl.evaluation import preference_accuracy
+    from llmctl.models import load_tokenizer
+    from llmctl.recipe import load_recipe
+    from llmctl.stages.reward import EVAL_PAIRS
+
+    model_dir = tmp_path / "run" / "reward" / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     assert model.config.model_type == "opt"
-    assert 0 <= m["metrics"]["eval_accuracy"] <= 1
+    # The manifest's accuracy is the saved model's, on the held-out pairs (not a training-time
+    # number, nor a constant): rescoring them from disk gives the same figures.
+    source = load_recipe(recipe).data_source("reward", "prefs")
+    rows = preference_split(source, "eval", "data.prefs").rows()[:EVAL_PAIRS]
+    accuracy, margin = preference_accuracy(model, load_tokenizer(str(model_dir)), rows, 96)
+    assert m["metrics"]["eval_pairs"] == len(rows) > 0
+    assert m["metrics"]["eval_accuracy"] == pytest.approx(accuracy, abs=1 / len(rows))
+    assert m["metrics"]["eval_reward_margin"] == pytest.approx(margin, rel=1e-3, abs=1e-4)
 
 
 def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_model):

@@ -1,0 +1,87 @@
+"""llmctl.quantization as a library: the torch INT8 backend's quantize/save/load round trip, the
+trial ladder, and the refusals (tiny models, no demo assets: the fast tier). The backends end
+to end through `llmctl quantize` are in tests/stages/test_quantize.py."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from llmctl.errors import UserError
+
+
+def settings(**extra):
+    return {"backend": "torch", "method": "dynamic", "bits": 8, "group_size": 128, "sym": True,
+            "fp32_modules": [], **extra}
+
+
+def test_torch_int8_round_trip_is_exact_and_smaller(tiny_lm, tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from llmctl import quantization
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(tiny_lm)).eval(), load_tokenizer(str(tiny_lm))
+    chosen = settings(fp32_modules=["lm_head", "model.decoder.layers.0"])
+    qmodel = quantization.quantize(model, str(tiny_lm), chosen)
+    int8 = {n for n, m in qmodel.named_modules() if isinstance(m, DynamicLinear)}
+    assert int8 and all(n.startswith("model.decoder.layers.1.") for n in int8)
+    assert isinstance(qmodel.model.decoder.layers[0].fc1, torch.nn.Linear)
+    assert isinstance(model.model.decoder.layers[1].fc1, torch.nn.Linear)  # the source is untouched
+
+    quantization.save(qmodel, chosen, tmp_path / "q", tokenizer)
+    assert json.loads((tmp_path / "q" / quantization.MARKER).read_text()) == chosen
+    loaded = load_causal_lm(str(tmp_path / "q"))  # any stage's loader reads the marker
+    ids = tokenizer("The function returns", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(qmodel(**ids).logits, loaded(**ids).logits)
+        assert not torch.equal(qmodel(**ids).logits, model(**ids).logits)
+
+
+def test_int8_weights_take_a_quarter_of_the_bytes(tiny_lm, tmp_path):
+    from llmctl import quantization
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(str(tiny_lm))
+    linear_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    # The head stays fp32 and tied: a quantized head of a tied model is an extra int8 copy.
+    chosen = settings(fp32_modules=["lm_head"])
+    qmodel = quantization.quantize(model, str(tiny_lm), chosen)
+    quantization.save(qmodel, chosen, tmp_path / "q", load_tokenizer(str(tiny_lm)))
+    saved = quantization.weight_bytes(tmp_path / "q")
+    # int8 weights save 3 of every 4 bytes of each quantized matrix; per-row scales and zero
+    # points (5 bytes a row) and longer tensor names cost back ~10% at hidden size 32.
+    assert quantization.weight_bytes(tiny_lm) - saved > 0.6 * linear_bytes
+
+
+def test_ladder_falls_back_the_head_then_layers_from_both_ends(tiny_lm):
+    from llmctl.models import load_causal_lm
+    from llmctl.quantization import trial_settings
+
+    cfg = types.SimpleNamespace(backend="torch", method="dynamic", bits=8, group_size=128,
+                                sym=True, max_trials=10)
+    ladder = trial_settings(cfg, load_causal_lm(str(tiny_lm)))
+    assert [s["fp32_modules"] for s in ladder] == [
+        [], ["lm_head"], ["lm_head", "model.decoder.layers.0"],
+        ["lm_head", "model.decoder.layers.0", "model.decoder.layers.1"]]
+    cfg.max_trials = 2
+    assert len(trial_settings(cfg, load_causal_lm(str(tiny_lm)))) == 2
+
+
+def test_calibrated_methods_need_calibration_data(tiny_lm):
+    from llmctl import quantization
+
+    with pytest.raises(UserError, match="quantize.calibration: gptq needs calibration data"):
+        quantization.quantize(None, str(tiny_lm), settings(backend="inc", method="gptq"))
+
+
+def test_unknown_backend_in_a_saved_model_names_the_file(tmp_path):
+    from llmctl import quantization
+
+    (tmp_path / quantization.MARKER).write_text(json.dumps({"backend": "tensorrt"}))
+    with pytest.raises(UserError, match=r"quantization\.json: unknown backend 'tensorrt'"):
+        quantization.load(tmp_path)
+    with pytest.raises(UserError, match="quantize.backend: unknown backend 'tensorrt'"):
+        quantization.check_supported("tensorrt")
