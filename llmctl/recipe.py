@@ -11,13 +11,14 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field, ValidationError, create_model
 
 from llmctl.errors import UserError
 from llmctl.paths import is_local
-from llmctl.schema import DataSource, DistributedConfig, ModelConfig, RunConfig, Section
+from llmctl.schema import (DataSource, DistributedConfig, ModelConfig, RunConfig, Section,
+                           union_tag)
 from llmctl.stages import REGISTRY, STAGES, model_stages, stage_models
 
 
@@ -182,7 +183,7 @@ class RecipeTables(Section):
 
 # One optional table per registered stage, in pipeline order.
 Recipe = create_model("Recipe", __base__=RecipeTables,
-                      **{spec.name: (spec.config | None, None) for spec in REGISTRY})
+                      **{spec.name: (Optional[spec.config], None) for spec in REGISTRY})
 
 
 # Stage-table keys that hold a path (normalised in stage hashes).
@@ -272,12 +273,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def _format_validation_error(source: str, err: ValidationError, raw: Any) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    path, tag = _key_path(first["loc"], raw)
+    key = ".".join(str(p) for p in path) or "<root>"
     kind = first["type"]
     if kind == "extra_forbidden":
-        msg = "unknown key"
+        msg = f"unknown key (not a field of {tag!r})" if tag else "unknown key"
     elif kind == "missing":
         msg = "missing required key"
     elif kind == "value_error":
@@ -286,17 +288,40 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         field, sep, rest = msg.partition(": ")
         if sep and field.isidentifier():
             key, msg = (f"{key}.{field}" if key != "<root>" else field), rest
+    elif kind == "unknown_backend":  # [quantize]'s backend picks the table's type
+        key += ".backend"
+        msg = f"unknown backend {first['input'].get('backend')!r} ({first['msg']})"
     else:
         msg = f"{first['msg']} (got {first.get('input')!r})"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{more}"
 
 
+def _key_path(loc: tuple, raw: Any) -> tuple[list, str | None]:
+    """The recipe keys of an error's location, and the innermost union tag on the way:
+    pydantic puts the union member's tag in the location (``quantize.torch.method``,
+    ``grpo.rewards.0.regex.pattern``) where the user wrote no such key."""
+    path, node, tag, just_skipped = [], raw, None, False
+    for part in loc:
+        if path and isinstance(node, dict) and not just_skipped \
+                and part == union_tag(path[-1], node):
+            tag, just_skipped = part, True  # the tag comes once, right after the union's key
+            continue
+        path.append(part)
+        just_skipped = False
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    return path, tag
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
+
+
 def validate(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_format_validation_error(source, err)) from None
+        raise UserError(_format_validation_error(source, err, raw)) from None
     recipe.source = source
     return recipe
 

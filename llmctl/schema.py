@@ -9,9 +9,10 @@ dotted key (``llmctl.recipe.validate``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
+                      model_validator)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # transformers' SchedulerType values (tests check the two agree).
@@ -336,59 +337,122 @@ class MergeConfig(Section):
     tolerance: float = Field(1e-3, ge=0)
 
 
-class QuantizeConfig(Section):
-    """Post-training quantization with an accuracy criterion (see llmctl.quantization)."""
+class QuantizeCommon(Section):
+    """Post-training quantization with an accuracy criterion (see llmctl.quantization): what
+    every backend shares. Each backend's table adds its own methods and fields below."""
 
-    model: str | None = None  # default: the last trained model (ppo > dpo > merge > sft > pretrain)
-    backend: Literal["inc", "torch", "openvino", "bnb"] = "inc"
-    method: str = "rtn"  # inc: rtn gptq awq; torch: dynamic; openvino: weight static; bnb: weight
-    bits: Literal[4, 8] = 4
-    group_size: int = Field(128, ge=-1)
-    sym: bool = True
-    # openvino static: SmoothQuant first, with this migration strength in [0, 1] (0.95 is
-    # NNCF's default for transformers).
-    smooth_quant: bool = True
-    smooth_quant_alpha: float = Field(0.95, ge=0, le=1)
-    # Calibration for GPTQ/AWQ/static: rows of a [data.<name>] source, as seq_len-token blocks.
-    calibration: str | None = None  # default: the metric's data source
-    calibration_samples: int = Field(32, ge=1)
-    # The accuracy criterion: a metric measured before and after on held-out data.
-    metric: Literal["perplexity", "task"] = "perplexity"
-    data: str | None = None  # perplexity: the [data.<name>] source whose eval split is scored
+    model: str | None = Field(None, description="default: the last trained model "
+                              "(ppo > grpo > dpo > merge > sft > pretrain)")
+    calibration: str | None = Field(None, description="the [data.<name>] source whose rows "
+                                    "calibrate GPTQ/AWQ/static INT8; default: the metric's")
+    calibration_samples: int = Field(32, ge=1, description="calibration blocks of seq_len tokens")
+    metric: Literal["perplexity", "task"] = Field(
+        "perplexity", description="the accuracy criterion, measured before and after")
+    data: str | None = Field(None, description="metric = perplexity: the [data.<name>] source "
+                             "whose eval split is scored")
     seq_len: int = Field(256, ge=2)
     eval_batch_size: int = Field(4, ge=1)
     eval_max_batches: int | None = Field(16, ge=1)
-    task: str | None = None  # metric = "task": an lm-eval task name
-    task_path: str | None = None  # directory of local lm-eval YAML tasks
+    task: str | None = Field(None, description="metric = task: an lm-eval task name")
+    task_path: str | None = Field(None, description="a directory of local lm-eval YAML tasks")
     task_metric: str = "acc"
-    limit: int | None = None  # lm-eval documents per task
-    apply_chat_template: bool = False  # task prompts as a user turn in the model's chat template
-    tolerable_loss: float = 0.01  # relative: 0.01 = at most 1% worse than the fp model
-    max_trials: int = 10
+    limit: int | None = Field(None, description="lm-eval documents per task")
+    apply_chat_template: bool = Field(False, description="task prompts as a user turn in the "
+                                      "model's chat template")
+    tolerable_loss: float = Field(0.01, ge=0, description="relative: 0.01 = at most 1% worse "
+                                  "than the fp model")
+    max_trials: int = Field(10, ge=1, description="settings tried, the recipe's own first")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_method(cls, raw: Any) -> Any:
+        # Before field validation, to say which backend lacks the method (and what to use).
+        methods = get_args(cls.model_fields["method"].annotation)
+        if isinstance(raw, dict) and raw.get("method", methods[0]) not in methods:
+            backend = _quantize_backend(raw)
+            raise ValueError(f"method: {raw['method']!r} is not a method of backend "
+                             f"\"{backend}\" (methods: {', '.join(methods)})"
+                             + (INC_INT8_HINT if raw["method"] in ("dynamic", "static") else ""))
+        return raw
 
     @model_validator(mode="after")
-    def _check(self) -> "QuantizeConfig":
-        if self.tolerable_loss < 0:
-            raise ValueError("tolerable_loss: must be >= 0")
-        if self.max_trials < 1:
-            raise ValueError("max_trials: must be >= 1")
+    def _check_metric(self) -> "QuantizeCommon":
         if self.metric == "task" and not self.task:
             raise ValueError("task: metric = \"task\" needs task (an lm-eval task name)")
-        methods = QUANTIZE_METHODS[self.backend]
-        if self.method not in methods:
-            raise ValueError(f"method: {self.method!r} is not a method of backend "
-                             f"\"{self.backend}\" (methods: {', '.join(methods)})"
-                             + (INC_INT8_HINT if self.backend == "inc" else ""))
-        if self.backend == "torch" and self.bits != 8:
-            raise ValueError("bits: backend \"torch\" does dynamic INT8 only (bits = 8)")
-        if self.backend == "openvino" and self.method == "static" and self.bits != 8:
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The first trial's settings (the backend's ladder varies them), as quantization.json
+        records them."""
+        return {key: getattr(self, key) for key in ("backend", "method", "bits", "group_size",
+                                                    "sym") if key in type(self).model_fields}
+
+
+class IncQuantize(QuantizeCommon):
+    """Intel neural-compressor weight-only quantization (INT4/INT8 groups)."""
+
+    backend: Literal["inc"] = "inc"
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, ge=-1, description="-1: one group per output channel")
+    sym: bool = True
+
+
+
+class TorchQuantize(QuantizeCommon):
+    """PyTorch dynamic INT8: int8 weights per output channel, activations quantized on the fly."""
+
+    backend: Literal["torch"]
+    method: Literal["dynamic"] = "dynamic"
+    bits: Literal[8] = 8
+
+
+class OpenVinoQuantize(QuantizeCommon):
+    """OpenVINO through optimum-intel/NNCF: weight-only INT4/INT8, or static INT8."""
+
+    backend: Literal["openvino"]
+    method: Literal["weight", "static"] = "weight"
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, ge=-1)
+    sym: bool = True
+    smooth_quant: bool = Field(True, description="static: SmoothQuant before quantizing")
+    smooth_quant_alpha: float = Field(0.95, ge=0, le=1, description="SmoothQuant's migration "
+                                      "strength (0.95 is NNCF's default for transformers)")
+
+    @model_validator(mode="after")
+    def _static_is_int8(self) -> "OpenVinoQuantize":
+        if self.method == "static" and self.bits != 8:
             raise ValueError("bits: openvino static quantization is INT8 (bits = 8)")
         return self
 
 
-# Which methods each quantization backend runs (llmctl.quantization).
-QUANTIZE_METHODS = {"inc": ("rtn", "gptq", "awq"), "torch": ("dynamic",),
-                    "openvino": ("weight", "static"), "bnb": ("weight",)}
+class BnbQuantize(QuantizeCommon):
+    """bitsandbytes 8-bit or 4-bit NF4 weights through transformers (CUDA)."""
+
+    backend: Literal["bnb"]
+    method: Literal["weight"] = "weight"
+    bits: Literal[4, 8] = 4
+
+
+def _quantize_backend(raw: Any) -> str:
+    return raw.get("backend", "inc") if isinstance(raw, dict) else raw.backend
+
+
+def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
+    """Which member of a tagged union the raw table under ``key`` is: [quantize]'s
+    ``backend`` (default "inc"), a grpo.rewards item's ``kind``."""
+    if key == "quantize":
+        return _quantize_backend(table)
+    return table.get("kind") if isinstance(key, int) else None
+
+
+# [quantize]: one table type per backend, picked by `backend` (default "inc"), so a field or
+# method another backend owns is an error at load time and in --dry-run.
+QuantizeConfig = Annotated[
+    Union[Annotated[IncQuantize, Tag("inc")], Annotated[TorchQuantize, Tag("torch")],
+          Annotated[OpenVinoQuantize, Tag("openvino")], Annotated[BnbQuantize, Tag("bnb")]],
+    Discriminator(_quantize_backend, custom_error_type="unknown_backend",
+                  custom_error_message="backends: inc, torch, openvino, bnb")]
 INC_INT8_HINT = ("; neural-compressor 3.x runs dynamic/static INT8 through a PT2E graph export "
                  "that cannot drive generate(): use backend = \"torch\", method = \"dynamic\" or "
                  "backend = \"openvino\", method = \"static\"")

@@ -3,7 +3,6 @@ trial ladder, and the refusals (tiny models, no demo assets: the fast tier). The
 to end through `llmctl quantize` are in tests/stages/test_quantize.py."""
 
 import json
-import types
 
 import pytest
 import torch
@@ -59,15 +58,14 @@ def test_int8_weights_take_a_quarter_of_the_bytes(tiny_lm, tmp_path):
 def test_ladder_falls_back_the_head_then_layers_from_both_ends(tiny_lm):
     from llmctl.models import load_causal_lm
     from llmctl.quantization import trial_settings
+    from llmctl.schema import TorchQuantize
 
-    cfg = types.SimpleNamespace(backend="torch", method="dynamic", bits=8, group_size=128,
-                                sym=True, max_trials=10)
-    ladder = trial_settings(cfg, load_causal_lm(str(tiny_lm)))
+    ladder = trial_settings(TorchQuantize(backend="torch"), load_causal_lm(str(tiny_lm)))
     assert [s["fp32_modules"] for s in ladder] == [
         [], ["lm_head"], ["lm_head", "model.decoder.layers.0"],
         ["lm_head", "model.decoder.layers.0", "model.decoder.layers.1"]]
-    cfg.max_trials = 2
-    assert len(trial_settings(cfg, load_causal_lm(str(tiny_lm)))) == 2
+    capped = TorchQuantize(backend="torch", max_trials=2)
+    assert len(trial_settings(capped, load_causal_lm(str(tiny_lm)))) == 2
 
 
 def test_calibrated_methods_need_calibration_data(tiny_lm):

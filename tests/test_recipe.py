@@ -43,6 +43,24 @@ def test_valid_recipe_fills_defaults(tmp_path):
     (BASE.replace("r = 16", "r = \"16\""), "sft.lora.r", "valid integer"),
     (BASE.replace('path = "data/qa"\n', ""), "data.qa.path", "missing required key"),
     (BASE + "[pretrain]\narchitecture = \"bert\"\n", "pretrain.architecture", "'gpt2', 'opt' or 'llama'"),
+    # [quantize] is one table type per backend: each backend's own fields and methods, and
+    # the key path the user wrote (pydantic's location also holds the union's tag).
+    (BASE + "[quantize]\nbackend = \"tensorrt\"\n", "quantize.backend",
+     "unknown backend 'tensorrt' (backends: inc, torch, openvino, bnb)"),
+    (BASE + "[quantize]\nbackend = \"torch\"\nmethod = \"rtn\"\n", "quantize.method",
+     "'rtn' is not a method of backend \"torch\" (methods: dynamic)"),
+    (BASE + "[quantize]\nmethod = \"dynamic\"\n", "quantize.method",  # inc is the default
+     "use backend = \"torch\", method = \"dynamic\""),
+    (BASE + "[quantize]\nbackend = \"torch\"\nsmooth_quant = true\n", "quantize.smooth_quant",
+     "unknown key (not a field of 'torch')"),
+    (BASE + "[quantize]\nbackend = \"torch\"\nbits = 4\n", "quantize.bits", "Input should be 8"),
+    (BASE + "[quantize]\nbackend = \"openvino\"\nmethod = \"static\"\n", "quantize.bits",
+     "openvino static quantization is INT8"),
+    (BASE + "[quantize]\nbackend = \"bnb\"\ngroup_size = 64\n", "quantize.group_size",
+     "unknown key"),
+    (BASE + "[quantize]\ntolerable_loss = -0.1\n", "quantize.tolerable_loss", "greater than"),
+    (BASE + "[grpo]\ndata = \"qa\"\nrewards = [{ kind = \"model\", model = 1 }]\n",
+     "grpo.rewards.0.model", "valid string"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key, what):
     path = write(tmp_path, text)
@@ -51,6 +69,18 @@ def test_errors_name_file_and_key(tmp_path, text, key, what):
     message = str(err.value)
     assert message.startswith(f"{path}: {key}:"), message
     assert what in message
+
+
+def test_quantize_table_type_follows_the_backend(tmp_path):
+    from llmctl.schema import IncQuantize, OpenVinoQuantize, TorchQuantize
+
+    assert type(load_recipe(write(tmp_path, BASE + "[quantize]\n")).quantize) is IncQuantize
+    torch_table = load_recipe(write(tmp_path, BASE + "[quantize]\nbackend = \"torch\"\n")).quantize
+    assert type(torch_table) is TorchQuantize
+    assert torch_table.settings() == {"backend": "torch", "method": "dynamic", "bits": 8}
+    ov = load_recipe(write(tmp_path, BASE + "[quantize]\nbackend = \"openvino\"\nmethod = "
+                                             "\"static\"\nbits = 8\n")).quantize
+    assert type(ov) is OpenVinoQuantize and ov.smooth_quant_alpha == 0.95
 
 
 def test_syntax_error_names_file(tmp_path):

@@ -4,6 +4,7 @@ command, a place in `llmctl run`'s order, and a repo recipe that dry-runs it."""
 import importlib
 import tomllib
 from pathlib import Path
+from typing import get_args
 
 from llmctl.recipe import Recipe
 from llmctl.schema import Section
@@ -22,13 +23,22 @@ def test_every_stage_is_complete():
             recipe_tables.setdefault(table, path.name)
     for spec in REGISTRY:
         assert spec.help and "\n" not in spec.help, spec.name
-        assert issubclass(spec.config, Section)
+        assert table_types(spec.config) and all(issubclass(t, Section)
+                                                for t in table_types(spec.config))
         assert Recipe.model_fields[spec.name].default is None  # an optional [<name>] table
         assert spec.config in getattr(Recipe.model_fields[spec.name].annotation, "__args__", ())
         assert callable(importlib.import_module(f"llmctl.stages.{spec.name}").run)
         assert spec.name in commands
         # test_recipe.test_repo_recipes_dry_run dry-runs every repo recipe
         assert spec.name in recipe_tables, f"no recipe in recipes/ has a [{spec.name}] table"
+
+
+def table_types(config) -> list[type]:
+    """A stage's table model, or each member of a tagged union of them ([quantize])."""
+    if isinstance(config, type):
+        return [config]
+    union = get_args(config)[0]  # Annotated[Union[Annotated[Model, Tag], ...], Discriminator]
+    return [get_args(member)[0] for member in get_args(union)]
 
 
 def test_run_order_and_default_models_come_from_the_registry(tmp_path):

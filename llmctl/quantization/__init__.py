@@ -79,9 +79,7 @@ def check_supported(backend_name: str) -> None:
 
 def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
     """The accuracy-driven search's settings, the recipe's own first, at most ``max_trials``."""
-    base = {"backend": cfg.backend, "method": cfg.method, "bits": cfg.bits,
-            "group_size": cfg.group_size, "sym": cfg.sym}
-    return backend(cfg.backend).ladder(cfg, base, model)[: cfg.max_trials]
+    return backend(cfg.backend).ladder(cfg, cfg.settings(), model)[: cfg.max_trials]
 
 
 def quantize(model: torch.nn.Module, source_dir: str, settings: dict[str, Any],

@@ -147,9 +147,13 @@ def test_tight_bound_rejects_and_publishes_nothing(tmp_path, assets, pretrained_
     assert not (run / ".partial" / "quantize").exists()
 
 
-def _cfg(**kw):
-    base = dict(backend="inc", method="rtn", bits=4, group_size=128, sym=True, max_trials=10)
-    return types.SimpleNamespace(**{**base, **kw})
+def _cfg(**table):
+    """A [quantize] table as the recipe loader validates it."""
+    from pydantic import TypeAdapter
+
+    from llmctl.schema import QuantizeConfig
+
+    return TypeAdapter(QuantizeConfig).validate_python(table)
 
 
 def test_trial_ladder_torch(pretrained_model):
@@ -157,12 +161,12 @@ def test_trial_ladder_torch(pretrained_model):
     from llmctl.quantization import trial_settings
 
     model = load_causal_lm(str(pretrained_model))
-    ladder = trial_settings(_cfg(backend="torch", method="dynamic", bits=8), model)
+    ladder = trial_settings(_cfg(backend="torch"), model)
     fp32 = [t["fp32_modules"] for t in ladder]
     layers = ["model.decoder.layers.0", "model.decoder.layers.1"]  # tiny OPT: 2 layers
     assert fp32 == [[], ["lm_head"], ["lm_head", layers[0]], ["lm_head", *layers]]
     assert all(t["backend"] == "torch" and t["bits"] == 8 for t in ladder)
-    capped = trial_settings(_cfg(backend="torch", method="dynamic", bits=8, max_trials=2), model)
+    capped = trial_settings(_cfg(backend="torch", max_trials=2), model)
     assert [t["fp32_modules"] for t in capped] == [[], ["lm_head"]]
 
 
@@ -182,10 +186,8 @@ def test_trial_ladder_inc_and_openvino():
     plain = trial_settings(_cfg(backend="openvino", method="static", bits=8,
                                 smooth_quant=False, smooth_quant_alpha=0.5), None)
     assert plain[0]["smooth_quant_alpha"] is None
-    from llmctl.schema import QuantizeConfig
-
     with pytest.raises(ValueError, match="smooth_quant_alpha"):
-        QuantizeConfig(backend="openvino", method="static", bits=8, smooth_quant_alpha=1.5)
+        _cfg(backend="openvino", method="static", bits=8, smooth_quant_alpha=1.5)
 
 
 def test_bnb_refused_on_cpu(tmp_path, assets, pretrained_model, capsys):
