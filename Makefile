@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # while on a GPU box the same pin resolves to the CUDA wheel from PyPI. Repeating the pin in
 # the second install stops a dependency from swapping torch for another build behind our back.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,openvino,wandb
+EXTRAS ?= dev,openvino,wandb,serve
 # The verified set, so that a new release upstream cannot change what CI and users install
 # (optimum-intel 2 once swapped torch for a 5 GB CUDA build). CONSTRAINTS= resolves freely.
 CONSTRAINTS ?= constraints.txt

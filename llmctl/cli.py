@@ -138,6 +138,27 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
     run_all(loaded, force=force)
 
 
+@app.command("serve")
+def serve_command(
+    recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A stage of the recipe (sft, merge, quantize, ...), a model "
+        "directory or a hub id (default: the model `llmctl generate` uses)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but "
+                             "loopback reaches the network: set LLMCTL_API_KEY."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
+    debug: bool = DebugOpt,
+):
+    """Serve a model over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
+    from llmctl.serve import serve
+
+    loaded = _load(recipe, run_dir, set_)
+    try:
+        serve(loaded, model, host, port)
+    except (KeyboardInterrupt, Terminated):  # the normal way to stop a server: in-flight
+        print("serve: stopped", file=_stderr())  # requests have finished by now
+
+
 @app.command("demo")
 def demo_command(run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
                  force: bool = typer.Option(False, "--force", help="Rerun finished stages too."),

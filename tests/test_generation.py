@@ -73,3 +73,22 @@ def test_stop_cuts_at_the_first_stop_string(lm):
     stop = text[len(text) // 2:][:2]
     cut = decode(lm, stop=[stop])[0][0]
     assert cut == text[:text.index(stop)] and stop not in cut
+
+
+def test_streamed_pieces_add_up_to_the_answer_cut_at_the_stop(lm):
+    """`llmctl serve` streams through StopAwareStreamer: never text past a stop string, nor a
+    tail that might begin one, and the pieces join to the non-streamed answer."""
+    from llmctl.serve import StopAwareStreamer
+
+    tokenizer = lm[1]
+    ids = tokenizer("alpha beta gamma STOP delta", add_special_tokens=False)["input_ids"]
+    for stops, expected in [([], "alpha beta gamma STOP delta"),
+                            (["STOP"], "alpha beta gamma "), (["gam", "zzz"], "alpha beta ")]:
+        pieces = []
+        streamer = StopAwareStreamer(tokenizer, stops, pieces.append)
+        streamer.put(torch.tensor([[1, 2]]))  # the prompt comes first and is not streamed
+        for token in ids:
+            streamer.put(torch.tensor([token]))
+            assert not any(s in "".join(pieces) for s in stops)
+        streamer.end()
+        assert "".join(pieces).strip() == expected.strip() and len(pieces) > 1

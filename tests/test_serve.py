@@ -1,0 +1,220 @@
+"""`llmctl serve`: a real server in a subprocess, spoken to with the official `openai` client
+(and raw HTTP for what a client library would not send)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from llmctl.schema import GenerateConfig
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # each test talks to a server process
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_lm, tmp_path_factory):
+    """The tiny fixture model with a chat template."""
+    from llmctl.models import load_tokenizer
+
+    folder = shutil.copytree(tiny_lm, tmp_path_factory.mktemp("serve") / "chatty")
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def start(model, tmp_path, api_key=None):
+    recipe = tmp_path / "serve.toml"
+    recipe.write_text('[run]\nname = "serve"\n')
+    env = {k: v for k, v in os.environ.items() if k != "LLMCTL_API_KEY"}
+    if api_key:
+        env["LLMCTL_API_KEY"] = api_key
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(recipe), "--model",
+                             str(model), "--port", "0"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline()  # "serving NAME (PATH) at http://127.0.0.1:PORT/v1 ..."
+    assert line.startswith("serving chatty"), (line, proc.stderr.read() if proc.poll() else "")
+    url = line.split(" at ")[1].split()[0]
+    assert url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
+    return proc, url
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model, tmp_path_factory):
+    proc, url = start(chat_model, tmp_path_factory.mktemp("server"))
+    yield url
+    assert stop(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model):
+    """What `llmctl generate` answers, in this process: the server must say the same."""
+    from llmctl.models import load_causal_lm, load_tokenizer
+    from llmctl.stages.generate import generate
+
+    model = load_causal_lm(str(chat_model)).eval()
+    tokenizer = load_tokenizer(str(chat_model), padding_side="left")
+
+    def greedy(text: str, max_tokens: int, chat: bool = False) -> str:
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+        return generate(model, tokenizer, text, GenerateConfig(max_new_tokens=max_tokens))[0][0]
+
+    return greedy
+
+
+def test_completions_match_generate_and_stream_the_same_text(client, reference):
+    assert [m.id for m in client.models.list()] == ["chatty"]
+    expected = reference("The function returns", 8)
+    done = client.completions.create(model="chatty", prompt="The function returns",
+                                     max_tokens=8, temperature=0)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 8 and done.usage.prompt_tokens > 0
+    stream = client.completions.create(model="chatty", prompt="The function returns",
+                                       max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_models_template(client, reference):
+    expected = reference("Hello there", 6, chat=True)
+    done = client.chat.completions.create(
+        model="chatty", messages=[{"role": "user", "content": "Hello there"}], max_tokens=6,
+        temperature=0)
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == expected
+    stream = client.chat.completions.create(
+        model="chatty", messages=[{"role": "user", "content": "Hello there"}], max_tokens=6,
+        temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+
+
+def test_stop_n_and_seed(client, reference):
+    full = reference("The function returns", 12)
+    stop = full[len(full) // 2:][:2]
+    done = client.completions.create(model="chatty", prompt="The function returns",
+                                     max_tokens=12, temperature=0, stop=[stop])
+    assert done.choices[0].text == full[:full.index(stop)]
+    assert done.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="chatty", prompt="The function returns",
+                                         max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
+
+    def sample(seed):
+        out = client.completions.create(model="chatty", prompt=["The", "Profit"], max_tokens=6,
+                                        temperature=1.5, n=2, seed=seed)
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    first = sample(7)
+    assert len(first) == 4 and first == sample(7) and first != sample(8)
+
+
+def test_bad_requests_are_400_with_a_json_error(client, server):
+    import openai
+
+    for bad, param in [({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"),
+                       ({"prompt": "word " * 500}, "prompt"), ({"logprobs": 2}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**{"model": "chatty", "prompt": "Hi", **bad})
+        assert err.value.body["param"] == param, err.value.body
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="Hi")
+    raw = httpx.post(f"{server}/completions", content=b"{not json",
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    assert httpx.post(f"{server}/chat/completions", json={"messages": []}).status_code == 400
+    # max_tokens beyond the context is capped to it, not refused
+    capped = client.completions.create(model="chatty", prompt="Hi", max_tokens=10_000,
+                                       temperature=0)
+    assert capped.usage.prompt_tokens + capped.usage.completion_tokens <= 64
+
+
+def test_concurrent_requests_are_all_answered(client, reference):
+    expected = reference("The quick brown fox", 10)
+    answers, errors = [], []
+
+    def ask():
+        try:
+            answers.append(client.completions.create(model="chatty", prompt="The quick brown fox",
+                                                     max_tokens=10, temperature=0).choices[0].text)
+        except Exception as err:  # noqa: BLE001 - collected and reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and answers == [expected] * 12
+
+
+def test_api_key_and_graceful_sigterm(chat_model, tmp_path):
+    import openai
+
+    proc, url = start(chat_model, tmp_path, api_key="s3cret-key")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/models").status_code == 401
+        authed = openai.OpenAI(base_url=url, api_key="s3cret-key", max_retries=0)
+        assert [m.id for m in authed.models.list()] == ["chatty"]
+
+        # SIGTERM while a request is being answered: it finishes, then the server exits 0.
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(answer=authed.completions.create(
+            model="chatty", prompt="The", max_tokens=40, temperature=0)))
+        worker.start()
+        health = url.removesuffix("/v1") + "/health"
+        deadline = time.time() + 30
+        while httpx.get(health).json()["in_flight"] == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=60)
+        assert result["answer"].usage.completion_tokens == 40
+        assert proc.wait(timeout=60) == 0
+        assert "s3cret-key" not in proc.stdout.read() + proc.stderr.read()  # never logged
+    finally:
+        stop(proc)
+
+
+def test_taken_port_is_exit_2(chat_model, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        recipe = tmp_path / "serve.toml"
+        recipe.write_text('[run]\nname = "serve"\n')
+        out = subprocess.run([sys.executable, "-m", "llmctl", "serve", str(recipe), "--model",
+                              str(chat_model), "--port", str(port)], cwd=REPO, text=True,
+                             capture_output=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: --host 127.0.0.1 --port {port}")
+
+
