@@ -21,10 +21,24 @@ from llmctl.errors import UserError
 from llmctl.stages import REGISTRY, STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Pretrain, fine-tune, align, merge, quantize, benchmark and run language "
-                       "models from TOML recipes.")
+                  help="Pretrain, fine-tune, align, merge, quantize, benchmark, run and serve "
+                       "language models from TOML recipes.")
 data_app = typer.Typer(no_args_is_help=True, help="Manage Deep Lake datasets.")
 app.add_typer(data_app, name="data")
+
+def _version(show: bool) -> None:
+    if show:
+        from llmctl import __version__
+
+        print(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                          help="Print llmctl's version and exit.")) -> None:
+    pass
+
 
 RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False)
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: runs/<run.name>).")
@@ -93,19 +107,23 @@ for _spec in REGISTRY:
 @app.command("generate", help=STAGES["generate"].help)
 def generate_command(
     recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable)."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file",
-                                                help="One prompt per line, or JSONL with 'prompt'."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable); "
+                                     "replaces the recipe's prompts."),
+    prompts_file: Optional[str] = typer.Option(
+        None, "--prompts-file", help="One prompt per line, or JSONL with 'prompt'; '-' reads "
+        "lines from stdin. Replaces the recipe's prompts (with --prompt: both are used)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
     dry_run: bool = DryRunOpt, debug: bool = DebugOpt,
 ):
     from llmctl.pipeline import run_stage
 
     overrides = list(set_)
-    if prompt:
+    if prompts_file == "-":
+        prompt = [*prompt, *(line for line in sys.stdin.read().splitlines() if line.strip())]
+        prompts_file = None
+    if prompt or prompts_file:  # the command line's prompts replace the recipe's
         overrides.append(f"generate.prompts={json.dumps(prompt)}")
-    if prompts_file:
-        overrides.append(f"generate.prompts_file={json.dumps(str(prompts_file))}")
+        overrides.append(f"generate.prompts_file={json.dumps(prompts_file or '')}")
     loaded = _load(recipe, run_dir, overrides)
     loaded.stage_config("generate")
     if dry_run:

@@ -492,7 +492,7 @@ class GenerateConfig(Section):
     template: str | None = None
     system: str | None = None  # template = "chat": a system prompt before each user turn
     prompts: list[str] = Field(default_factory=list)
-    prompts_file: str | None = None
+    prompts_file: str | None = None  # "" = none: how `generate --prompt` drops the recipe's
     max_new_tokens: int = Field(64, ge=1)
     min_new_tokens: int = Field(0, ge=0)
     do_sample: bool = False
@@ -508,6 +508,8 @@ class GenerateConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "GenerateConfig":
+        if self.prompts_file == "":
+            self.prompts_file = None
         if self.num_return_sequences > max(self.num_beams, 1) and not self.do_sample:
             raise ValueError("num_return_sequences: more than num_beams needs do_sample = true")
         if self.min_new_tokens > self.max_new_tokens:

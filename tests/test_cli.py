@@ -13,9 +13,16 @@ from tests.conftest import manifest, run_cli
 
 def test_every_stage_command_exists(capsys):
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "merge", "quantize", "bench",
-                  "generate", "run", "demo", "data"):
+                  "generate", "run", "demo", "data", "serve"):
         code, out, _ = run_cli([stage, "--help"], capsys)
         assert code == 0 and "Usage" in out, stage
+
+
+def test_version(capsys):
+    from llmctl import __version__
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"llmctl {__version__}"
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -92,3 +92,20 @@ def test_streamed_pieces_add_up_to_the_answer_cut_at_the_stop(lm):
             assert not any(s in "".join(pieces) for s in stops)
         streamer.end()
         assert "".join(pieces).strip() == expected.strip() and len(pieces) > 1
+
+
+def test_templates_turn_prompts_into_model_input():
+    import json
+
+    from llmctl.data import Template
+    from llmctl.errors import UserError
+    from llmctl.stages.generate import apply_template
+
+    # "text" (a pretraining template: all response) is a plain continuation, as no template is
+    assert apply_template(Template.get("text"), "The function returns") == "The function returns"
+    assert apply_template(None, "The function returns") == "The function returns"
+    assert apply_template(Template.get("qa"), "Why?") == "Question: Why?\n\nAnswer:"
+    two = json.dumps({"instruction": "Sentiment?", "input": "Shares fell."})
+    assert "Content: Shares fell." in apply_template(Template.get("sentiment"), two)
+    with pytest.raises(UserError, match="give each prompt as a JSON object"):
+        apply_template(Template.get("sentiment"), "plain")

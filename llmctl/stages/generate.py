@@ -112,9 +112,9 @@ def apply_template(template: Template | ChatTemplate | None, prompt: str) -> str
     tokenizer joins that space to the answer's first word, so "Answer:" + " Paris" matches how
     the model saw "Answer: Paris" in training, where "Answer: " + "Paris" would not.
     """
-    if template is None:
+    fields = template.prompt_fields if template is not None else []
+    if not fields:  # no template, or one that is all response ("text"): plain continuation
         return prompt
-    fields = template.prompt_fields
     if prompt.lstrip().startswith("{"):
         try:
             row = json.loads(prompt)

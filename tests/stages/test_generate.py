@@ -95,3 +95,25 @@ def test_errors(gen_recipe, capsys, tmp_path):
     assert code == 2 and "generate.model:" in err and "does not exist" in err
     code, _, err = run_cli(["generate", gen_recipe], capsys)
     assert code == 2 and "generate.prompts: no prompts" in err
+
+
+def test_command_line_prompts_replace_the_recipes(gen_recipe, capsys, monkeypatch, tmp_path):
+    import io
+
+    gen_recipe.write_text(gen_recipe.read_text() + 'prompts = ["From the recipe"]\n')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("From the file\n")
+
+    def asked(*args, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code, out, err = run_cli(["generate", gen_recipe, "--json", *args], capsys)
+        assert code == 0, err
+        return [json.loads(line)["prompt"] for line in out.strip().splitlines()]
+
+    assert asked() == ["From the recipe"]
+    assert asked("-p", "From -p") == ["From -p"]
+    assert asked("--prompts-file", prompts) == ["From the file"]
+    assert asked("-p", "From -p", "--prompts-file", prompts) == ["From -p", "From the file"]
+    assert asked("--prompts-file", "-", stdin="From stdin\n\nAnd more\n") == ["From stdin",
+                                                                             "And more"]
