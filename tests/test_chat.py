@@ -2,6 +2,7 @@
 the same rendering for label scoring and generation."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -162,7 +163,7 @@ max_new_tokens = 4
     assert rendered["metrics"]["num_prompts"] == 1
 
 
-def chat_prefs_recipe(tmp_path, assets, chat_model) -> "Path":
+def chat_prefs_recipe(tmp_path, assets, chat_model) -> Path:
     """Preference pairs on the demo's headlines (the headline as the user's question, the right
     label over a wrong one) as a chat source, and a two-step DPO on the tiny chat model."""
     import random

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_OPT, manifest, recipe_head, run_cli, sentiment_source, \
-    tiny_recipe_text
+from tests.conftest import REPO, manifest, run_cli, tiny_recipe_text
 
 
 def snapshot(root: Path) -> dict[str, str]:
