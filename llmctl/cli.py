@@ -156,6 +156,28 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
     run_all(loaded, force=force)
 
 
+@app.command("status")
+def status_command(
+    target: Path = typer.Argument(..., help="Recipe TOML file, or a run directory that holds "
+                                  "its recipe.toml (as `llmctl demo` leaves one).",
+                                  show_default=False),
+    run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    debug: bool = DebugOpt,
+):
+    """Each stage of a run: finished (when, wall time, key metrics), interrupted (at which
+    checkpoint) or not run, and whether `llmctl run` would run it now, and why."""
+    from llmctl.status import print_table, recipe_for, stage_status
+
+    overrides = [*set_, *([f"run.dir={json.dumps(str(run_dir))}"] if run_dir else [])]
+    recipe = recipe_for(target, overrides)
+    rows = stage_status(recipe)
+    if as_json:
+        print(json.dumps({"run_dir": str(recipe.run_dir), "stages": rows}, indent=2))
+    else:
+        print_table(recipe, rows)
+
+
 @app.command("serve")
 def serve_command(
     recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
