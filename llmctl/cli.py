@@ -20,11 +20,16 @@ from llmctl.env import quiet_libraries
 from llmctl.errors import UserError
 from llmctl.stages import REGISTRY, STAGES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain, fine-tune, align, merge, quantize, benchmark, run and serve "
                        "language models from TOML recipes.")
 data_app = typer.Typer(no_args_is_help=True, help="Manage Deep Lake datasets.")
 app.add_typer(data_app, name="data")
+
+def flag(name: str, help: str, **kwargs):
+    """A boolean option shown as a plain flag in --help (typer would print ``<bool>``)."""
+    return typer.Option(False, name, help=help, metavar="", **kwargs)
+
 
 def _version(show: bool) -> None:
     if show:
@@ -35,16 +40,17 @@ def _version(show: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                          help="Print llmctl's version and exit.")) -> None:
+def _options(version: bool = flag("--version", "Print llmctl's version and exit.",
+                                  is_eager=True, callback=_version)) -> None:
     pass
 
 
-RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False,
+                           metavar="RECIPE.toml")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: runs/<run.name>).")
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set sft.lora.r=8 (repeatable).")
-DryRunOpt = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe only.")
-DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+DryRunOpt = flag("--dry-run", "Validate and print the resolved recipe only.")
+DebugOpt = flag("--debug", "Show tracebacks.")
 
 
 def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
@@ -112,7 +118,7 @@ def generate_command(
     prompts_file: Optional[str] = typer.Option(
         None, "--prompts-file", help="One prompt per line, or JSONL with 'prompt'; '-' reads "
         "lines from stdin. Replaces the recipe's prompts (with --prompt: both are used)."),
-    as_json: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
+    as_json: bool = flag("--json", "Print results as JSON lines."),
     dry_run: bool = DryRunOpt, debug: bool = DebugOpt,
 ):
     from llmctl.pipeline import run_stage
@@ -144,7 +150,7 @@ def generate_command(
 @app.command("run")
 def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
                 set_: list[str] = SetOpt,
-                force: bool = typer.Option(False, "--force", help="Rerun finished stages too."),
+                force: bool = flag("--force", "Rerun finished stages too."),
                 dry_run: bool = DryRunOpt, debug: bool = DebugOpt):
     """Run every stage the recipe defines, in pipeline order, skipping up-to-date ones."""
     from llmctl.pipeline import run_all
@@ -160,9 +166,9 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
 def status_command(
     target: Path = typer.Argument(..., help="Recipe TOML file, or a run directory that holds "
                                   "its recipe.toml (as `llmctl demo` leaves one).",
-                                  show_default=False),
+                                  show_default=False, metavar="RECIPE.toml|RUN_DIR"),
     run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    as_json: bool = flag("--json", "Print the rows as JSON."),
     debug: bool = DebugOpt,
 ):
     """Each stage of a run: finished (when, wall time, key metrics), interrupted (at which
@@ -200,8 +206,9 @@ def serve_command(
 
 
 @app.command("demo")
-def demo_command(run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
-                 force: bool = typer.Option(False, "--force", help="Rerun finished stages too."),
+def demo_command(run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir",
+                                              help="Where the assets and the run go."),
+                 force: bool = flag("--force", "Rerun finished stages too."),
                  debug: bool = DebugOpt):
     """Build the embedded demo assets (no downloads) and run the demo pipeline on them."""
     from llmctl.demo.pipeline import run_demo
@@ -210,11 +217,13 @@ def demo_command(run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
 
 
 @data_app.command("ingest")
-def data_ingest(files: list[Path] = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or text."),
+def data_ingest(files: list[Path] = typer.Argument(..., help="JSONL, CSV, TSV, Parquet or text.",
+                                                  metavar="FILE"),
                 to: str = typer.Option(..., "--to", help="Dataset path (dir, mem://, hub://...)."),
                 message: str = typer.Option("ingest", "--message", "-m", help="Commit message."),
                 text_column: str = typer.Option("text", help="Column name for plain-text files."),
-                overwrite: bool = typer.Option(False, "--overwrite"),
+                overwrite: bool = flag("--overwrite", "Replace an existing Deep Lake dataset at "
+                                       "--to (only a Deep Lake dataset is ever replaced)."),
                 debug: bool = DebugOpt):
     """Create a Deep Lake dataset from files and commit it."""
     from llmctl.data import read_records, write_dataset
@@ -225,7 +234,8 @@ def data_ingest(files: list[Path] = typer.Argument(..., help="JSONL, CSV, TSV, P
 
 
 @data_app.command("show")
-def data_show(path: str = typer.Argument(...), limit: int = typer.Option(10, "--limit", "-n"),
+def data_show(path: str = typer.Argument(..., metavar="DATASET"),
+              limit: int = typer.Option(10, "--limit", "-n", help="Rows to print."),
               columns: Optional[str] = typer.Option(None, help="Comma-separated columns."),
               debug: bool = DebugOpt):
     """Print the first rows of a dataset as a table."""
@@ -236,8 +246,9 @@ def data_show(path: str = typer.Argument(...), limit: int = typer.Option(10, "--
 
 
 @data_app.command("query")
-def data_query(path: str = typer.Argument(...), tql: str = typer.Argument(..., help="TQL query."),
-               limit: int = typer.Option(10, "--limit", "-n"), debug: bool = DebugOpt):
+def data_query(path: str = typer.Argument(..., metavar="DATASET"), tql: str = typer.Argument(..., help="TQL query."),
+               limit: int = typer.Option(10, "--limit", "-n", help="Rows to print."),
+               debug: bool = DebugOpt):
     """Run a TQL query, e.g. \"SELECT * WHERE contains(text, 'tax')\", and print matching rows."""
     from llmctl.data import open_dataset, run_query
 

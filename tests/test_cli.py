@@ -171,3 +171,28 @@ def test_missing_tracker_package_is_exit_2(tiny_recipe, capsys, monkeypatch):
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     code, _, err = run_cli(["pretrain", tiny_recipe(), "--set", "pretrain.report_to=\"wandb\""], capsys)
     assert code == 2 and "pip install 'llmctl[wandb]'" in err
+
+
+def test_every_option_is_described_and_flags_look_like_flags():
+    import typer
+
+    from llmctl.cli import app
+
+    def commands(group, prefix=""):  # (typer 0.29 vendors its own click: no isinstance checks)
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for name, command in commands(root):
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            assert param.help, f"llmctl {name} {param.opts[0]}: no help text"
+            if param.is_flag:
+                assert param.metavar == "", f"llmctl {name} {param.opts[0]}: shows <bool>"
+            checked += 1
+    assert checked > 50
