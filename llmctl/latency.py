@@ -77,14 +77,17 @@ def generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, num_beams:
 
 def time_generation(model, input_ids: torch.Tensor, new_tokens: int, num_beams: int = 1,
                     runs: int = 3, pad_token_id: int = 0) -> dict[str, float]:
-    """Median seconds for ``new_tokens`` forced tokens, time to first token, tokens/s, peak memory."""
+    """Median seconds for ``new_tokens`` forced tokens and their spread over the runs (min, max:
+    a noisy machine shows as a wide range, not as a speed-up), time to first token, tokens/s,
+    peak memory."""
     generate_seconds(model, input_ids, min(new_tokens, 4), num_beams, pad_token_id)  # warm-up
     with peak_memory() as memory:
         totals = [generate_seconds(model, input_ids, new_tokens, num_beams, pad_token_id)
                   for _ in range(runs)]
     first = [generate_seconds(model, input_ids, 1, num_beams, pad_token_id) for _ in range(runs)]
     seconds = statistics.median(totals)
-    return {"seconds": seconds, "ttft_seconds": statistics.median(first),
+    return {"seconds": seconds, "seconds_min": min(totals), "seconds_max": max(totals),
+            "ttft_seconds": statistics.median(first),
             "tokens_per_second": input_ids.shape[0] * new_tokens / seconds,
             "peak_memory_bytes": float(memory["peak"])}
 

@@ -109,3 +109,13 @@ def test_templates_turn_prompts_into_model_input():
     assert "Content: Shares fell." in apply_template(Template.get("sentiment"), two)
     with pytest.raises(UserError, match="give each prompt as a JSON object"):
         apply_template(Template.get("sentiment"), "plain")
+
+
+def test_latency_reports_its_spread(lm):
+    from llmctl.latency import prompt_ids, time_generation
+
+    model, tokenizer = lm
+    timing = time_generation(model, prompt_ids(tokenizer, 8, 1), 6, runs=3,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert 0 < timing["seconds_min"] <= timing["seconds"] <= timing["seconds_max"]
+    assert timing["tokens_per_second"] == pytest.approx(6 / timing["seconds"])

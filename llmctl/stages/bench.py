@@ -78,10 +78,18 @@ def bench_model(recipe: Recipe, cfg: BenchConfig, source, path: str) -> dict:
                                         lat.batch_sizes, lat.num_beams, lat.runs)
         for row in entry["latency"]:
             console.print(f"    {row['mode']} batch {row['batch_size']}: {row['seconds']:.3f} s "
-                          f"for {row['new_tokens']} tokens, {row['tokens_per_second']:.1f} tok/s")
+                          f"({spread(row)}) for {row['new_tokens']} tokens, "
+                          f"{row['tokens_per_second']:.1f} tok/s")
     del model
     gc.collect()
     return entry
+
+
+def spread(row: dict) -> str:
+    """A timing's range over its runs (older reports have none)."""
+    if "seconds_min" not in row:
+        return "n/a"
+    return f"{row['seconds_min']:.3f}-{row['seconds_max']:.3f}"
 
 
 def _model_metrics(entry: dict) -> dict[str, float]:
@@ -96,6 +104,8 @@ def _model_metrics(entry: dict) -> dict[str, float]:
     for row in entry.get("latency", []):
         key = f"{row['mode']}_b{row['batch_size']}"
         out[f"{key}_seconds"] = row["seconds"]
+        out[f"{key}_seconds_min"] = row["seconds_min"]
+        out[f"{key}_seconds_max"] = row["seconds_max"]
         out[f"{key}_ttft_seconds"] = row["ttft_seconds"]
         out[f"{key}_tokens_per_second"] = row["tokens_per_second"]
         out[f"{key}_peak_memory_bytes"] = row["peak_memory_bytes"]
@@ -140,7 +150,7 @@ def markdown_report(report: dict) -> str:
             lines.append(f"| {label} | {task} | {name} | {value:.4f} | "
                          f"{'' if err is None else f'{err:.4f}'} |")
     if any("latency" in e for e in models.values()):
-        lines += ["", f"| model | decoding | batch | new tokens | seconds | first token (s) | "
+        lines += ["", f"| model | decoding | batch | new tokens | seconds (min-max) | first token (s) | "
                       f"tokens/s | peak memory (MiB) | speed-up vs {first} |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         base = {(r["mode"], r["batch_size"]): r["seconds"] for r in models[first].get("latency", [])}
@@ -149,7 +159,7 @@ def markdown_report(report: dict) -> str:
                 ref = base.get((r["mode"], r["batch_size"]))
                 speedup = f"{ref / r['seconds']:.2f}x" if ref else ""
                 lines.append(f"| {label} | {r['mode']} | {r['batch_size']} | {r['new_tokens']} | "
-                             f"{r['seconds']:.3f} | {r['ttft_seconds']:.4f} | "
+                             f"{r['seconds']:.3f} ({spread(r)}) | {r['ttft_seconds']:.4f} | "
                              f"{r['tokens_per_second']:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
                              f" {speedup} |")
     return "\n".join(lines) + "\n"

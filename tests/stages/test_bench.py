@@ -87,7 +87,8 @@ latency = { prompt_tokens = 16, new_tokens = 8, runs = 1, batch_sizes = [1, 2], 
         assert entry["perplexity"] > 1, label
         assert {(r["mode"], r["batch_size"]) for r in entry["latency"]} == {
             ("greedy", 1), ("greedy", 2), ("beam2", 1), ("beam2", 2)}
-        assert all(r["new_tokens"] == 8 and r["seconds"] > 0 for r in entry["latency"])
+        assert all(r["new_tokens"] == 8 and 0 < r["seconds_min"] <= r["seconds"]
+                   <= r["seconds_max"] for r in entry["latency"])
     assert report["models"]["quantize"]["path"] == str(quantized_run / "quantize" / "model")
     # The quantized model really is a different model.
     assert report["models"]["quantize"]["perplexity"] != report["models"]["pretrain"]["perplexity"]
@@ -96,6 +97,9 @@ latency = { prompt_tokens = 16, new_tokens = 8, runs = 1, batch_sizes = [1, 2], 
     assert f"| pretrain | `{pretrained_model}` |" in md
     assert f"| quantize | `{quantized_run / 'quantize' / 'model'}` |" in md
     assert "| quantize | demo_sentiment | acc |" in md and "| pretrain | greedy | 1 |" in md
+    row = next(r for r in report["models"]["pretrain"]["latency"] if r["mode"] == "greedy")
+    assert f"({row['seconds_min']:.3f}-{row['seconds_max']:.3f})" in md  # the spread is shown
+    assert m["metrics"]["greedy_b1_seconds_min"] <= m["metrics"]["greedy_b1_seconds_max"]
     assert (stage / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert m["outputs"]["latency_chart"] == "latency.png"
 
