@@ -224,13 +224,39 @@ def data_ingest(files: list[Path] = typer.Argument(..., help="JSONL, CSV, TSV, P
                 text_column: str = typer.Option("text", help="Column name for plain-text files."),
                 overwrite: bool = flag("--overwrite", "Replace an existing Deep Lake dataset at "
                                        "--to (only a Deep Lake dataset is ever replaced)."),
+                append: bool = flag("--append", "Add the rows to the existing dataset at --to "
+                                    "(same columns) as a new commit."),
                 debug: bool = DebugOpt):
-    """Create a Deep Lake dataset from files and commit it."""
-    from llmctl.data import read_records, write_dataset
+    """Create a Deep Lake dataset from files and commit it (or append to one)."""
+    from llmctl.data import append_records, read_records, write_dataset
 
+    if overwrite and append:
+        raise UserError("--overwrite and --append: choose one")
+    if to.startswith("mem://"):
+        print(f"warning: {to} lives in this process's memory and is gone when it exits; use a "
+              f"directory to keep it", file=_stderr())
     records = [r for f in files for r in read_records(f, text_column)]
+    if append:
+        n = append_records(to, records, message)
+        print(f"appended {n} rows to {to}")
+        return
     n = write_dataset(to, records, message, overwrite=overwrite)
     print(f"ingested {n} rows into {to}")
+
+
+@data_app.command("log")
+def data_log(path: str = typer.Argument(..., metavar="DATASET"),
+             as_json: bool = flag("--json", "Print the commits as JSON."),
+             debug: bool = DebugOpt):
+    """A dataset's commit history: version, time and message of each commit."""
+    from llmctl.data import dataset_log
+
+    commits = dataset_log(path)
+    if as_json:
+        print(json.dumps(commits, indent=2))
+        return
+    for c in commits:
+        print(f"{c['version']}  {c['time']}  {c['message']}")
 
 
 @data_app.command("show")

@@ -541,13 +541,54 @@ def _fill(ds, names: list[str], records: list[dict[str, Any]], message: str) -> 
     for name, values in columns.items():
         kind = _column_type(values)
         if isinstance(kind, type(deeplake.types.Text())):
-            # lists and objects (a `messages` column) as JSON, which template = "chat" reads
-            columns[name] = ["" if v is None else v if isinstance(v, str) else
-                             json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-                             for v in values]
+            columns[name] = _as_text(values)
         ds.add_column(name, kind)
     ds.append(columns)
     ds.commit(message)
+
+
+def _as_text(values: list[Any]) -> list[str]:
+    # lists and objects (a `messages` column) as JSON, which template = "chat" reads
+    return ["" if v is None else v if isinstance(v, str) else
+            json.dumps(v) if isinstance(v, (list, dict)) else str(v) for v in values]
+
+
+def append_records(dest: str, records: list[dict[str, Any]], message: str) -> int:
+    """Append rows to an existing dataset (same columns) as one new commit; on any refusal
+    nothing is written."""
+    if not records:
+        raise UserError(f"{dest}: nothing to append (no records)")
+    if not is_remote(dest) and not dest.startswith("mem://") and not Path(dest).exists():
+        raise UserError(f"--to: dataset {dest} does not exist (ingest without --append to "
+                        f"create it)")
+    try:
+        ds = deeplake.open(dest, token=_token()) if is_remote(dest) else deeplake.open(dest)
+    except Exception as err:  # deeplake's own types for a missing or unreadable dataset
+        raise UserError(f"--to: cannot open dataset {dest}: {_one_line(err)}") from None
+    kinds = {c.name: str(c.dtype) for c in ds.schema.columns}
+    for i, rec in enumerate(records):
+        if set(rec) != set(kinds):
+            raise UserError(f"record {i}: columns {sorted(rec)} differ from the dataset's "
+                            f"{sorted(kinds)}")
+    columns = {name: [rec.get(name) for rec in records] for name in kinds}
+    for name, values in columns.items():
+        if "text" in kinds[name].lower():
+            columns[name] = _as_text(values)
+    try:
+        ds.append(columns)
+    except Exception as err:  # a value of the wrong type for its column
+        ds.rollback()
+        raise UserError(f"{dest}: cannot append: {_one_line(err)}") from None
+    ds.commit(message)
+    return len(records)
+
+
+def dataset_log(path: str) -> list[dict[str, Any]]:
+    """A dataset's commits, oldest first: version id, time and message. (No per-commit row
+    count: deeplake 4.7's ``Version.open()`` fails on a read-only dataset.)"""
+    ds = open_dataset(path, "path")
+    return [{"version": v.id, "time": str(v.timestamp), "message": v.message}
+            for v in ds.history]
 
 
 def preview(view, limit: int, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:

@@ -196,3 +196,34 @@ def test_every_option_is_described_and_flags_look_like_flags():
                 assert param.metavar == "", f"llmctl {name} {param.opts[0]}: shows <bool>"
             checked += 1
     assert checked > 50
+
+
+def test_data_append_log_and_mem_warning(tmp_path, capsys):
+    from llmctl.data import open_dataset
+
+    first, more, wrong = (tmp_path / n for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    first.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n')
+    more.write_text('{"text": "c", "label": 3}\n')
+    wrong.write_text('{"text": "d"}\n')
+    dest = tmp_path / "ds"
+    assert run_cli(["data", "ingest", first, "--to", dest], capsys)[0] == 0
+    code, out, err = run_cli(["data", "ingest", more, "--to", dest, "--append", "-m", "more"],
+                             capsys)
+    assert code == 0 and "appended 1 rows" in out, err
+    ds = open_dataset(str(dest))
+    assert len(ds) == 3 and ds["text"][2] == "c" and int(ds["label"][2]) == 3
+    # refusals leave the dataset as it was
+    code, _, err = run_cli(["data", "ingest", wrong, "--to", dest, "--append"], capsys)
+    assert code == 2 and "differ from the dataset's ['label', 'text']" in err
+    code, _, err = run_cli(["data", "ingest", more, "--to", tmp_path / "nope", "--append"], capsys)
+    assert code == 2 and "does not exist (ingest without --append" in err
+    code, _, err = run_cli(["data", "ingest", more, "--to", dest, "--append", "--overwrite"],
+                           capsys)
+    assert code == 2 and "choose one" in err
+    assert len(open_dataset(str(dest))) == 3
+
+    code, out, _ = run_cli(["data", "log", dest, "--json"], capsys)
+    assert code == 0
+    assert [c["message"] for c in json.loads(out)] == ["Dataset created", "ingest", "more"]
+    code, _, err = run_cli(["data", "ingest", more, "--to", "mem://scratch"], capsys)
+    assert code == 0 and "gone when it exits" in err
