@@ -541,13 +541,13 @@ def _fill(ds, names: list[str], records: list[dict[str, Any]], message: str) -> 
     for name, values in columns.items():
         kind = _column_type(values)
         if isinstance(kind, type(deeplake.types.Text())):
-            columns[name] = _as_text(values)
+            columns[name] = _text_column(values)
         ds.add_column(name, kind)
     ds.append(columns)
     ds.commit(message)
 
 
-def _as_text(values: list[Any]) -> list[str]:
+def _text_column(values: list[Any]) -> list[str]:
     # lists and objects (a `messages` column) as JSON, which template = "chat" reads
     return ["" if v is None else v if isinstance(v, str) else
             json.dumps(v) if isinstance(v, (list, dict)) else str(v) for v in values]
@@ -573,7 +573,7 @@ def append_records(dest: str, records: list[dict[str, Any]], message: str) -> in
     columns = {name: [rec.get(name) for rec in records] for name in kinds}
     for name, values in columns.items():
         if "text" in kinds[name].lower():
-            columns[name] = _as_text(values)
+            columns[name] = _text_column(values)
     try:
         ds.append(columns)
     except Exception as err:  # a value of the wrong type for its column
