@@ -110,19 +110,30 @@ for _spec in REGISTRY:
         app.command(_spec.name, help=_spec.help)(_stage_command(_spec.name))
 
 
-@app.command("generate", help=STAGES["generate"].help)
+@app.command("generate", help=STAGES["generate"].help + " Without a recipe, `--model` "
+             "generates ad hoc (to stdout or --out; the run's generate/ is left alone).")
 def generate_command(
-    recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML file (optional with "
+                                            "--model).", show_default=False,
+                                            metavar="[RECIPE.toml]"),
+    model: Optional[str] = typer.Option(None, "--model", help="A stage of the run (sft, merge, "
+                                        "quantize, ...), a model directory or a hub id."),
+    run_dir: Optional[Path] = RunDirOpt, set_: list[str] = SetOpt,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt (repeatable); "
                                      "replaces the recipe's prompts."),
     prompts_file: Optional[str] = typer.Option(
         None, "--prompts-file", help="One prompt per line, or JSONL with 'prompt'; '-' reads "
         "lines from stdin. Replaces the recipe's prompts (with --prompt: both are used)."),
     as_json: bool = flag("--json", "Print results as JSON lines."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the results as "
+                                            "JSONL to this new file."),
     dry_run: bool = DryRunOpt, debug: bool = DebugOpt,
 ):
     from llmctl.pipeline import run_stage
+    from llmctl.stages.generate import run_adhoc
 
+    if out_file is not None and out_file.exists():
+        raise UserError(f"--out: {out_file} already exists (llmctl does not overwrite it)")
     overrides = list(set_)
     if prompts_file == "-":
         prompt = [*prompt, *(line for line in sys.stdin.read().splitlines() if line.strip())]
@@ -130,12 +141,24 @@ def generate_command(
     if prompt or prompts_file:  # the command line's prompts replace the recipe's
         overrides.append(f"generate.prompts={json.dumps(prompt)}")
         overrides.append(f"generate.prompts_file={json.dumps(prompts_file or '')}")
-    loaded = _load(recipe, run_dir, overrides)
+    if model is not None:
+        overrides.append(f"generate.model={json.dumps(model)}")
+    if recipe is None:
+        if model is None:
+            raise UserError("generate: give a recipe, or --model for ad-hoc generation")
+        loaded = _adhoc_recipe(run_dir, overrides)
+    else:
+        loaded = _load(recipe, run_dir, overrides)
     loaded.stage_config("generate")
     if dry_run:
         _dry_run(loaded, ["generate"])
         return
-    out = run_stage(loaded, "generate")
+    if recipe is None:
+        out = run_adhoc(loaded, loaded.upstream_inputs("generate")["model"])
+    else:
+        out = run_stage(loaded, "generate")
+    if out_file is not None:
+        out_file.write_text("".join(json.dumps(r) + "\n" for r in out["results"]))
     for r in out["results"]:
         if as_json:
             print(json.dumps({"prompt": r["prompt"], "completions": r["completions"]}))
@@ -145,6 +168,17 @@ def generate_command(
                 print(f"\033[1m{r['input']}\033[0m{tag}{text}" if sys.stdout.isatty()
                       else f"{r['input']}{tag}{text}")
                 print()
+
+
+def _adhoc_recipe(run_dir: Optional[Path], overrides: list[str]):
+    """The recipe of `llmctl generate --model ...` without one: defaults, the run directory
+    (where stage names are looked up) and the command line's settings."""
+    from llmctl.recipe import apply_overrides, validate
+
+    raw = {"run": {"name": "adhoc"}, "generate": {}}
+    if run_dir is not None:
+        raw["run"]["dir"] = str(run_dir)
+    return validate(apply_overrides(raw, overrides), "generate")
 
 
 @app.command("run")

@@ -158,6 +158,16 @@ class RecipeTables(Section):
     def _last_trained_stage(self) -> str | None:
         return next((s for s in model_stages() if getattr(self, s) is not None), None)
 
+    def named_model(self, name: str) -> str:
+        """A model named by a stage ("sft", "quantize") or given as a path or hub id. A stage
+        the recipe lacks (ad-hoc use of a run directory) is found by what it left."""
+        if name not in stage_models():
+            return name
+        if getattr(self, name) is not None:
+            return self.stage_model(name)
+        adapter = self.run_dir / name / "adapter"
+        return str(adapter if adapter.is_dir() else self.run_dir / name / "model")
+
     def last_model(self) -> str:
         """What generate uses by default: the quantized model when there is one."""
         if self.quantize is not None:
@@ -174,8 +184,7 @@ class RecipeTables(Section):
         models = {}
         for name in names:
             if name in stage_models():
-                models[name] = self.stage_model(name) if getattr(self, name) is not None \
-                    else str(self.run_dir / name / "model")
+                models[name] = self.named_model(name)
             else:
                 models[_unique_label(name, models)] = name
         return models

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmctl.errors import UserError
+from llmctl.schema import GenerateConfig
 
 API_KEY_ENV = "LLMCTL_API_KEY"
 MAX_CHOICES = 16
@@ -413,19 +414,15 @@ def usage_of(prompts: list[torch.Tensor], choices: list[Choice], n: int) -> dict
 
 
 def resolve_model(recipe, model: str | None) -> tuple[str, str]:
-    """(path, served name) for ``--model``: a stage name of the recipe, a path or hub id, or by
+    """(path, served name) for ``--model``: a stage name of the run, a path or hub id, or by
     default what `llmctl generate` would use."""
     from pathlib import Path
 
-    from llmctl.stages import stage_models
+    from llmctl.stages import STAGES
 
-    if model in stage_models():
-        return recipe.stage_model(model) if getattr(recipe, model) is not None \
-            else str(recipe.run_dir / model / "model"), model
     if model:
-        return model, Path(model).name or model
-    generate = getattr(recipe, "generate", None)
-    path = generate.model if generate is not None and generate.model else recipe.last_model()
+        return recipe.named_model(model), model if model in STAGES else Path(model).name or model
+    path = STAGES["generate"].inputs(recipe, recipe.generate or GenerateConfig())["model"]
     parts = Path(path).parts
     return path, parts[-2] if len(parts) > 1 and parts[-1] in ("model", "adapter") else parts[-1]
 

@@ -123,7 +123,7 @@ def _bench_inputs(recipe: "Recipe", cfg: schema.BenchConfig) -> dict[str, str]:
 
 
 def _generate_inputs(recipe: "Recipe", cfg: schema.GenerateConfig) -> dict[str, str]:
-    return {"model": cfg.model or recipe.last_model()}
+    return {"model": recipe.named_model(cfg.model) if cfg.model else recipe.last_model()}
 
 
 def _adapter_unless_full(cfg) -> str:

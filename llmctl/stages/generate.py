@@ -27,11 +27,34 @@ from llmctl.stages import StageContext
 
 def run(ctx: StageContext) -> dict:
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
-    prompts = read_prompts(cfg)
+    started = []  # the work directory is taken once the model has loaded and prompts fit
+    results, metrics = decode_prompts(recipe, cfg, inputs["model"],
+                                      before_decoding=lambda: started.append(ctx.start()))
+    stage = started[0]
+    with open(stage.path("generations.jsonl"), "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    stage.finish(metrics, {"generations": "generations.jsonl"})
+    return {"results": results, "metrics": metrics}
 
-    tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")
-    model = load_causal_lm(inputs["model"], recipe.model).to(device()).eval()
-    stage_header("generate", f"{len(prompts)} prompt(s) with {inputs['model']}")
+
+def run_adhoc(recipe, model: str) -> dict:
+    """`llmctl generate --model ...` without a recipe: the same decoding, nothing written to
+    a run directory (the pipeline's own generate/ output stays as it was)."""
+    from llmctl.models import check_loadable
+
+    check_loadable(model, recipe.model, "--model")
+    results, metrics = decode_prompts(recipe, recipe.generate, model)
+    return {"results": results, "metrics": metrics}
+
+
+def decode_prompts(recipe, cfg: GenerateConfig, model_path: str, before_decoding=None
+                   ) -> tuple[list[dict], dict]:
+    """Every prompt through the template and the decoder: the results and the metrics."""
+    prompts = read_prompts(cfg)
+    tokenizer = load_tokenizer(model_path, recipe.model, padding_side="left")
+    model = load_causal_lm(model_path, recipe.model).to(device()).eval()
+    stage_header("generate", f"{len(prompts)} prompt(s) with {model_path}")
 
     template = None
     if cfg.template == "chat":  # each prompt is the user's turn, in the model's chat template
@@ -40,7 +63,8 @@ def run(ctx: StageContext) -> dict:
         template = Template.get(cfg.template)
     texts = [apply_template(template, p) for p in prompts]
     check_lengths(model, tokenizer, texts, cfg)
-    stage = ctx.start()
+    if before_decoding:
+        before_decoding()
     t0 = time.perf_counter()
     results, new_tokens = [], 0
     for prompt, text in zip(prompts, texts):
@@ -48,14 +72,8 @@ def run(ctx: StageContext) -> dict:
         new_tokens += n
         results.append({"prompt": prompt, "input": text, "completions": completions})
     seconds = time.perf_counter() - t0
-
-    with open(stage.path("generations.jsonl"), "w") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
-    metrics = {"num_prompts": len(prompts), "new_tokens": new_tokens,
-               "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
-    stage.finish(metrics, {"generations": "generations.jsonl"})
-    return {"results": results, "metrics": metrics}
+    return results, {"num_prompts": len(prompts), "new_tokens": new_tokens,
+                     "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:

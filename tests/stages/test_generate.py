@@ -117,3 +117,26 @@ def test_command_line_prompts_replace_the_recipes(gen_recipe, capsys, monkeypatc
     assert asked("-p", "From -p", "--prompts-file", prompts) == ["From -p", "From the file"]
     assert asked("--prompts-file", "-", stdin="From stdin\n\nAnd more\n") == ["From stdin",
                                                                              "And more"]
+
+
+def test_adhoc_generation_needs_no_recipe_and_writes_no_run(pretrained_model, capsys, tmp_path):
+    run = pretrained_model.parents[1]
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run_cli(["generate", "--model", "pretrain", "--run-dir", run, "-p", "The",
+                              "--json", "--out", out_file, "--set", "generate.max_new_tokens=4"],
+                             capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["prompt"] == "The" and len(row["completions"]) == 1
+    assert json.loads(out_file.read_text())["completions"] == row["completions"]
+    # a path works as well as a stage name, and gives the same greedy text
+    code, by_path, err = run_cli(["generate", "--model", pretrained_model, "-p", "The", "--json",
+                                  "--set", "generate.max_new_tokens=4"], capsys)
+    assert code == 0 and json.loads(by_path) == row, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
+    code, _, err = run_cli(["generate", "--model", "pretrain", "--run-dir", run, "-p", "x",
+                            "--out", out_file], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(["generate", "-p", "x"], capsys)
+    assert code == 2 and "--model for ad-hoc generation" in err
