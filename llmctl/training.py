@@ -73,6 +73,12 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
     )
     kwargs.update(distributed.trainer_arguments(recipe.distributed))
     kwargs.update(overrides)
+    # TrainingArguments keeps its precision in os.environ (ACCELERATE_MIXED_PRECISION), where a
+    # later stage's arguments read it back as their default: after one bf16 stage, every later
+    # fp32 stage of the same `llmctl run` (and every process it starts) silently trained in
+    # bf16. Each stage's own recipe field decides, so it is set here, every time.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = {"bf16": "bf16", "fp16": "fp16"}.get(precision,
+                                                                                    "no")
     return args_cls(**kwargs)
 
 
