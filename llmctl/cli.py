@@ -207,10 +207,9 @@ def status_command(
 ):
     """Each stage of a run: finished (when, wall time, key metrics), interrupted (at which
     checkpoint) or not run, and whether `llmctl run` would run it now, and why."""
-    from llmctl.status import print_table, recipe_for, stage_status
+    from llmctl.status import print_table, recipe_path, stage_status
 
-    overrides = [*set_, *([f"run.dir={json.dumps(str(run_dir))}"] if run_dir else [])]
-    recipe = recipe_for(target, overrides)
+    recipe = _load(*recipe_path(target, run_dir), set_)
     rows = stage_status(recipe)
     if as_json:
         print(json.dumps({"run_dir": str(recipe.run_dir), "stages": rows}, indent=2))

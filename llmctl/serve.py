@@ -345,7 +345,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         if not body.stream:
             results = [await asyncio.wrap_future(job.done) for job in jobs]
             choices = [c for result in results for c in result]
-            usage = usage_of(prompts, choices, body.n)
+            usage = usage_of(prompts, choices)
             if chat:
                 return {"id": rid, "object": "chat.completion", "created": created,
                         "model": engine.name, "usage": usage, "choices": [
@@ -403,7 +403,7 @@ def create_app(engine: Engine, api_key: str | None = None):
     return app
 
 
-def usage_of(prompts: list[torch.Tensor], choices: list[Choice], n: int) -> dict[str, int]:
+def usage_of(prompts: list[torch.Tensor], choices: list[Choice]) -> dict[str, int]:
     prompt_tokens = sum(int(ids.shape[1]) for ids in prompts)
     completion_tokens = sum(c.tokens for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -4,7 +4,6 @@ metrics), interrupted (and the checkpoint a rerun resumes from) or not run — a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +12,16 @@ from llmctl.rundir import _last_checkpoint, read_manifest
 from llmctl.stages import STAGES
 
 
-def recipe_for(target: Path, overrides: list[str]):
-    """A recipe file, or a run directory holding the recipe it was run from (`llmctl demo`
-    writes one): its ``recipe.toml``, with the run directory set to that directory."""
-    from llmctl.recipe import load_recipe
-
-    if target.is_dir():
-        recipe = target / "recipe.toml"
-        if not recipe.is_file():
-            raise UserError(f"{target}: a directory without recipe.toml; give the recipe "
-                            f"file (and --run-dir {target})")
-        return load_recipe(recipe, [*overrides, f"run.dir={json.dumps(str(target))}"])
-    return load_recipe(target, overrides)
+def recipe_path(target: Path, run_dir: Path | None) -> tuple[Path, Path | None]:
+    """(recipe file, run directory) for a recipe file, or for a run directory holding the
+    recipe it was run from (`llmctl demo` writes one): its ``recipe.toml``, run there."""
+    if not target.is_dir():
+        return target, run_dir
+    recipe = target / "recipe.toml"
+    if not recipe.is_file():
+        raise UserError(f"{target}: a directory without recipe.toml; give the recipe "
+                        f"file (and --run-dir {target})")
+    return recipe, target
 
 
 def stage_status(recipe) -> list[dict[str, Any]]:

@@ -27,10 +27,9 @@ from llmctl.stages import StageContext
 
 def run(ctx: StageContext) -> dict:
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
-    started = []  # the work directory is taken once the model has loaded and prompts fit
-    results, metrics = decode_prompts(recipe, cfg, inputs["model"],
-                                      before_decoding=lambda: started.append(ctx.start()))
-    stage = started[0]
+    loaded = load_for_decoding(recipe, cfg, inputs["model"])
+    stage = ctx.start()  # once the model has loaded and every prompt fits
+    results, metrics = decode_prompts(loaded, cfg)
     with open(stage.path("generations.jsonl"), "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
@@ -44,13 +43,14 @@ def run_adhoc(recipe, model: str) -> dict:
     from llmctl.models import check_loadable
 
     check_loadable(model, recipe.model, "--model")
-    results, metrics = decode_prompts(recipe, recipe.generate, model)
+    results, metrics = decode_prompts(load_for_decoding(recipe, recipe.generate, model),
+                                      recipe.generate)
     return {"results": results, "metrics": metrics}
 
 
-def decode_prompts(recipe, cfg: GenerateConfig, model_path: str, before_decoding=None
-                   ) -> tuple[list[dict], dict]:
-    """Every prompt through the template and the decoder: the results and the metrics."""
+def load_for_decoding(recipe, cfg: GenerateConfig, model_path: str) -> tuple:
+    """(model, tokenizer, prompts, model inputs): the prompts read, put through the template
+    and checked against the model's positions."""
     prompts = read_prompts(cfg)
     tokenizer = load_tokenizer(model_path, recipe.model, padding_side="left")
     model = load_causal_lm(model_path, recipe.model).to(device()).eval()
@@ -63,8 +63,12 @@ def decode_prompts(recipe, cfg: GenerateConfig, model_path: str, before_decoding
         template = Template.get(cfg.template)
     texts = [apply_template(template, p) for p in prompts]
     check_lengths(model, tokenizer, texts, cfg)
-    if before_decoding:
-        before_decoding()
+    return model, tokenizer, prompts, texts
+
+
+def decode_prompts(loaded: tuple, cfg: GenerateConfig) -> tuple[list[dict], dict]:
+    """Every prompt through the decoder: the results and the metrics."""
+    model, tokenizer, prompts, texts = loaded
     t0 = time.perf_counter()
     results, new_tokens = [], 0
     for prompt, text in zip(prompts, texts):
