@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/llmctl demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The edit-test loop (under 90 s): unit tests that build no demo assets and start no process.
 # `make test` and CI run everything, the slow tier (end-to-end demo, kill/resume, multi-process,

@@ -296,7 +296,11 @@ def _format_validation_error(source: str, err: ValidationError, raw: Any) -> str
         msg = str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
         field, sep, rest = msg.partition(": ")
         if sep and field.isidentifier():
-            key, msg = (f"{key}.{field}" if key != "<root>" else field), rest
+            if key == "<root>":
+                key = field
+            elif not key.endswith(f".{field}"):  # a field validator's loc already names it
+                key = f"{key}.{field}"
+            msg = rest
     elif kind == "unknown_backend":  # [quantize]'s backend picks the table's type
         key += ".backend"
         msg = f"unknown backend {first['input'].get('backend')!r} ({first['msg']})"

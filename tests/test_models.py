@@ -105,3 +105,18 @@ def test_tied_embeddings_are_counted_once(tiny_lm):
     assert count_params(model) == sum(unique.values())
     assert count_params(model, trainable_only=True) == count_params(model)
     assert human_count(134_500_000) == "134.5M" and human_count(999) == "999"
+
+
+def test_bf16_on_a_cpu_without_it_warns_once_and_keeps_the_choice(monkeypatch, capsys):
+    from llmctl import models
+
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    models._warn_slow_bf16.cache_clear()
+    assert models.resolve_precision("bf16") == "bf16"
+    assert models.resolve_precision("bf16") == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("warning: precision = \"bf16\" on a CPU without AVX512-BF16 or AMX") == 1
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    models._warn_slow_bf16.cache_clear()
+    assert models.resolve_precision("bf16") == "bf16" and capsys.readouterr().err == ""

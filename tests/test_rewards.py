@@ -73,10 +73,10 @@ def test_user_function_must_exist():
 @pytest.mark.parametrize("table, message", [
     ('batch_size = 12\n[[grpo.rewards]]\nkind = "label_match"',
      "grpo.batch_size: batch_size x grad_accum (12 x 1) must be a multiple of num_generations"),
-    ('[[grpo.rewards]]\nkind = "regex"\npattern = "(unclosed"', "grpo.rewards.0.regex.pattern"),
+    ('[[grpo.rewards]]\nkind = "regex"\npattern = "(unclosed"', "grpo.rewards.0.pattern: not a regular"),
     ('[[grpo.rewards]]\nkind = "function"\nfunction = "not a spec"', "expected module:function"),
     ('[[grpo.rewards]]\nkind = "vibes"', "grpo.rewards.0"),
-    ('[[grpo.rewards]]\nkind = "regex"\npattern = "x"\nweight = inf', "grpo.rewards.0.regex.weight"),
+    ('[[grpo.rewards]]\nkind = "regex"\npattern = "x"\nweight = inf', "grpo.rewards.0.weight: "),
     ('num_generations = 8', "grpo.rewards: missing required key"),
     ('[[grpo.rewards]]\nkind = "function"\nfunction = "no_such_module_xyz:f"',
      "grpo.rewards[0].function: no module no_such_module_xyz"),
