@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 import typer
+import typer.core
 
 from llmctl.env import quiet_libraries
 from llmctl.errors import UserError
@@ -27,8 +28,18 @@ data_app = typer.Typer(no_args_is_help=True, help="Manage Deep Lake datasets.")
 app.add_typer(data_app, name="data")
 
 def flag(name: str, help: str, **kwargs):
-    """A boolean option shown as a plain flag in --help (typer would print ``<bool>``)."""
-    return typer.Option(False, name, help=help, metavar="", **kwargs)
+    """A boolean option, off unless given."""
+    return typer.Option(False, name, help=help, **kwargs)
+
+
+def _flag_type(self, ctx):
+    """typer 0.29 labels every flag ``<bool>`` in --help, its own --help and
+    --install-completion included; a flag takes no value, so it shows none."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type, typer.core.TyperOption.display_type_rich = (typer.core.TyperOption.display_type_rich,
+                                                          _flag_type)
 
 
 def _version(show: bool) -> None:

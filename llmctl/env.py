@@ -19,6 +19,8 @@ def quiet_libraries() -> None:
     # neural-compressor (imported by peft) announces the accelerator it detected.
     for name in ("torchao", "torch.utils._pytree", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # NNCF (OpenVINO quantization) logs its bit-width statistics tables at INFO.
+    logging.getLogger("nncf").setLevel(logging.WARNING)
     # OpenVINO's PyTorch frontend logs "Failed to build model wrapper." as an error on every
     # Hugging Face export, then traces the model unwrapped, as intended: not an error for users.
     logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)

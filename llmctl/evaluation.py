@@ -223,11 +223,12 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
 
     task_manager = check_tasks(tasks, task_path)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot,
-                                      limit=limit, batch_size=batch_size,
-                                      apply_chat_template=apply_chat_template,
-                                      task_manager=task_manager, log_samples=False,
-                                      verbosity="ERROR")
+    with _without_lm_eval_provenance():
+        results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot,
+                                          limit=limit, batch_size=batch_size,
+                                          apply_chat_template=apply_chat_template,
+                                          task_manager=task_manager, log_samples=False,
+                                          verbosity="ERROR")
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         out[task] = {}
@@ -236,6 +237,22 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
             if comma and isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[task][name] = float(value)
     return out
+
+
+@contextlib.contextmanager
+def _without_lm_eval_provenance():
+    """lm-eval adds a git hash and an environment report to every result, which llmctl drops:
+    its `git describe` prints "fatal: not a git repository" into the user's terminal outside a
+    repository, and torch's environment report starts pip and nvidia-smi on each call. The
+    manifest records llmctl's own provenance."""
+    import lm_eval.evaluator as evaluator
+
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
 
 
 def write_choice_task(folder, name: str, rows: list[dict[str, Any]], doc_to_text: str,

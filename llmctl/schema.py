@@ -27,9 +27,11 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = "llmctl"
-    dir: str | None = None  # default: runs/<name>
-    seed: int = 42
+    name: str = Field("llmctl", description="the run's name: the default run directory is "
+                      "runs/<name>, and tracker runs are named <name>-<stage>")
+    dir: str | None = Field(None, description="the run directory; default: runs/<name>")
+    seed: int = Field(42, description="random seed, set before each stage; also the "
+                      "Trainer's seed and data order")
 
     @field_validator("name")
     @classmethod
@@ -41,42 +43,63 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: str | None = None  # hub id or local directory; the base when nothing upstream
-    tokenizer: str | None = None  # default: the model's own
-    revision: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # also load pickled weights (pytorch_model.bin): runs their code
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    name_or_path: str | None = Field(None, description="hub id or local directory; the base "
+                                     "model when no upstream stage produces one")
+    tokenizer: str | None = Field(None, description="tokenizer hub id or directory; default: "
+                                  "the model's own")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) to "
+                                 "load models and tokenizers at")
+    trust_remote_code: bool = Field(False, description="let models and tokenizers run code "
+                                    "from their repository (transformers' trust_remote_code)")
+    allow_pickle: bool = Field(False, description="also load pickled weights "
+                               "(pytorch_model.bin): runs their code")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype models are loaded in; auto: the checkpoint's own")
 
 
 class DataSource(Section):
-    path: str  # local dir, mem://, hub://org/name or al://org/name
-    columns: dict[str, str] = Field(default_factory=dict)  # template field -> dataset column
-    template: str = "text"  # a named template (llmctl.data.TEMPLATES), a format string, or "chat"
-    # template = "chat": the tokenizer's chat template renders each row as a conversation:
-    # a `messages` field (a list of {role, content}), or, when `user` is set, a user turn
-    # (`user`, a format string over the row's fields) answered by the `assistant` field,
-    # after an optional `system` prompt.
-    system: str | None = None
-    user: str | None = None
-    assistant: str = "response"
-    query: str | None = None  # TQL, e.g. "SELECT * WHERE contains(text, 'tax')"
-    eval_path: str | None = None  # separate evaluation dataset; else split off eval_fraction
-    eval_query: str | None = None
-    eval_fraction: float = Field(0.05, ge=0, lt=1)
-    limit: int | None = Field(None, ge=1)  # use at most this many rows (after the query)
+    path: str = Field(..., description="the dataset: local dir, mem://, hub://org/name or "
+                      "al://org/name")
+    columns: dict[str, str] = Field(default_factory=dict, description="template field -> "
+                                    "dataset column, where the names differ")
+    template: str = Field("text", description="a named template (llmctl.data.TEMPLATES), a "
+                          "format string over the row's fields, or \"chat\": the tokenizer's "
+                          "chat template renders each row as a conversation")
+    system: str | None = Field(None, description="template = \"chat\": an optional system "
+                               "prompt before the user turn")
+    user: str | None = Field(None, description="template = \"chat\": the user turn, a format "
+                             "string over the row's fields, answered by the `assistant` field; "
+                             "None: each row's `messages` field (a list of {role, content})")
+    assistant: str = Field("response", description="template = \"chat\" with `user` set: the "
+                           "field holding the assistant's answer")
+    query: str | None = Field(None, description="TQL run on the dataset first, e.g. "
+                              "\"SELECT * WHERE contains(text, 'tax')\"")
+    eval_path: str | None = Field(None, description="separate evaluation dataset; else the "
+                                  "last eval_fraction of the rows is split off")
+    eval_query: str | None = Field(None, description="TQL run on eval_path; default: query")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of the rows held out "
+                                 "for evaluation (the last ones) when there is no eval_path")
+    limit: int | None = Field(None, ge=1, description="use at most this many rows (after the "
+                              "query)")
 
 
 class DistributedConfig(Section):
     """Several processes for the training stages (see llmctl.distributed)."""
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    num_processes: int = 1  # per machine; > 1 makes `llmctl STAGE` launch itself with torchrun
-    config_file: str | None = None  # your accelerate config (may name a DeepSpeed JSON): wins
-    fsdp_sharding: Literal["full", "hybrid", "shard_grad_op"] = "full"
-    fsdp_wrap: list[str] = Field(default_factory=list)  # layer classes; default: the model's own
-    zero_stage: Literal[1, 2, 3] = 2
-    cpu_offload: bool = False  # FSDP parameters / ZeRO optimizer state (and params at stage 3)
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="how several processes train one model: none (one process), DDP, "
+        "FSDP or DeepSpeed ZeRO")
+    num_processes: int = Field(1, description="processes per machine; > 1 makes `llmctl "
+                               "STAGE` launch itself with torchrun")
+    config_file: str | None = Field(None, description="your accelerate config (may name a "
+                                    "DeepSpeed JSON): wins over the settings here")
+    fsdp_sharding: Literal["full", "hybrid", "shard_grad_op"] = Field(
+        "full", description="FSDP sharding: full_shard, hybrid_shard or shard_grad_op")
+    fsdp_wrap: list[str] = Field(default_factory=list, description="FSDP: layer classes to "
+                                 "wrap; default: the model's own")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    cpu_offload: bool = Field(False, description="offload to CPU: FSDP parameters / ZeRO "
+                              "optimizer state (and parameters at stage 3)")
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedConfig":
@@ -90,111 +113,176 @@ class DistributedConfig(Section):
 class TrainConfig(Section):
     """Knobs every Trainer-based stage shares."""
 
-    data: str | None = None  # name of a [data.<name>] source
-    max_steps: int = Field(-1, ge=-1)  # > 0 wins over epochs
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, ge=0)
-    scheduler: Scheduler = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    precision: Precision = "auto"
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)  # None: evaluate once at the end only
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(2, ge=1)
-    # cap on evaluation batches of the whole job (None: all)
-    eval_max_batches: int | None = Field(None, ge=1)
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    dataloader_drop_last: bool = False
+    data: str | None = Field(None, description="name of a [data.<name>] source")
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps to train; > 0 wins over "
+                           "epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (may be "
+                          "fractional)")
+    batch_size: int = Field(8, ge=1, description="training examples per process per "
+                            "micro-batch")
+    eval_batch_size: int | None = Field(None, ge=1, description="evaluation examples per "
+                                        "process per batch; default: batch_size")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation: micro-batches per "
+                            "optimizer step")
+    lr: float = Field(5e-5, ge=0, description="learning rate (peak, after warmup)")
+    scheduler: Scheduler = Field("cosine", description="learning-rate schedule "
+                                 "(transformers' SchedulerType)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate "
+                              "warmup")
+    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip gradients to this global norm "
+                                 "(0: no clipping)")
+    precision: Precision = Field("auto", description="training precision; auto: bf16 on CUDA "
+                                 "cards that have it, fp16 on older cards, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the "
+                                         "backward pass: less memory, more compute")
+    logging_steps: int = Field(10, ge=1, description="log training metrics every this many "
+                               "optimizer steps")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every this many optimizer "
+                                   "steps; None: once at the end only")
+    save_steps: int = Field(500, ge=1, description="save a checkpoint every this many "
+                            "optimizer steps")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept, oldest "
+                                         "deleted first; None: all")
+    eval_max_batches: int | None = Field(None, ge=1, description="cap on evaluation batches of "
+                                         "the whole job (None: all)")
+    report_to: Literal["none", "wandb", "tensorboard"] = Field(
+        "none", description="experiment tracker; its files go in the stage directory")
+    dataloader_drop_last: bool = Field(False, description="drop each dataloader's last, "
+                                       "incomplete batch")
 
 
 class PretrainConfig(TrainConfig):
-    init: Literal["config", "pretrained"] = "config"  # from scratch, or continue a checkpoint
-    architecture: Literal["gpt2", "opt", "llama"] = "gpt2"
-    config: dict[str, Any] = Field(default_factory=dict)  # passed to the architecture's Config
-    model: str | None = None  # checkpoint to continue from (init = "pretrained")
-    tokenizer: str | None = None  # default: model.tokenizer or model.name_or_path
-    seq_len: int = Field(512, ge=2)
-    pack: bool = True  # concatenate documents into seq_len blocks, else truncate/pad each
-    lr: float = Field(5e-4, ge=0)
+    init: Literal["config", "pretrained"] = Field(
+        "config", description="config: a new model from scratch; pretrained: continue a "
+        "checkpoint")
+    architecture: Literal["gpt2", "opt", "llama"] = Field(
+        "gpt2", description="architecture of a new model (init = \"config\")")
+    config: dict[str, Any] = Field(default_factory=dict, description="passed to the "
+                                   "architecture's Config (init = \"config\")")
+    model: str | None = Field(None, description="checkpoint to continue from (init = "
+                              "\"pretrained\"); default: model.name_or_path")
+    tokenizer: str | None = Field(None, description="the tokenizer; default: model.tokenizer, "
+                                  "else the model's (pretrain.model or model.name_or_path)")
+    seq_len: int = Field(512, ge=2, description="tokens per training block")
+    pack: bool = Field(True, description="concatenate documents into seq_len blocks, else "
+                       "truncate/pad each")
+    lr: float = Field(5e-4, ge=0, description="learning rate (peak, after warmup)")
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: list[str] | None = None  # None: a per-architecture default
+    r: int = Field(16, ge=1, description="rank of the low-rank update")
+    alpha: int = Field(32, ge=1, description="LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="biases trained: none, all, or those of the adapted layers only")
+    target_modules: list[str] | None = Field(None, description="names of the modules to adapt; "
+                                             "None: a per-architecture default")
 
 
 class SftConfig(TrainConfig):
-    model: str | None = None  # default: upstream pretrain output, else model.name_or_path
-    method: Literal["lora", "qlora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    seq_len: int = Field(1024, ge=2)
-    packing: bool = True
-    completion_only_loss: bool = False
-    load_in_bf16: bool = False
-    fp32_norms_and_head: bool = False  # keep 1-D params and the LM head output in fp32
-    eval_task: bool = True  # score label log-likelihood accuracy before and after training
-    lr: float = Field(1e-4, ge=0)
+    model: str | None = Field(None, description="the model to tune; default: upstream "
+                              "pretrain output, else model.name_or_path")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora, qlora (LoRA on a 4-bit NF4 base; CUDA) or full fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
+                             "\"lora\" or \"qlora\")")
+    seq_len: int = Field(1024, ge=2, description="maximum tokens per training sequence (the "
+                         "block length when packing)")
+    packing: bool = Field(True, description="pack examples into full seq_len blocks, else one "
+                          "example per sequence")
+    completion_only_loss: bool = Field(False, description="loss on the response only, not the "
+                                       "prompt (always so with template = \"chat\")")
+    load_in_bf16: bool = Field(False, description="load the model's weights in bfloat16")
+    fp32_norms_and_head: bool = Field(False, description="keep 1-D params and the LM head "
+                                      "output in fp32")
+    eval_task: bool = Field(True, description="score label log-likelihood accuracy before and "
+                            "after training")
+    lr: float = Field(1e-4, ge=0, description="learning rate (peak, after warmup)")
 
 
 class RewardConfig(TrainConfig):
     """A scalar reward head (sequence classification, 1 label) trained on chosen/rejected pairs."""
 
-    model: str | None = None  # backbone; default: the upstream sft/merge model (InstructGPT way)
-    init: Literal["pretrained", "config"] = "pretrained"
-    architecture: Literal["bert", "deberta-v2", "gpt2", "opt", "llama"] = "bert"  # init = "config"
-    config: dict[str, Any] = Field(default_factory=dict)
-    tokenizer: str | None = None  # default: the backbone's own
-    method: Literal["full", "lora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    max_length: int = Field(512, ge=2)
-    lr: float = Field(2e-5, ge=0)
-    scheduler: Scheduler = "linear"
+    model: str | None = Field(None, description="backbone; default: the upstream merge/sft "
+                              "model (the InstructGPT way)")
+    init: Literal["pretrained", "config"] = Field(
+        "pretrained", description="pretrained: start from the model; config: a new backbone "
+        "from architecture and config")
+    architecture: Literal["bert", "deberta-v2", "gpt2", "opt", "llama"] = Field(
+        "bert", description="architecture of a new backbone (init = \"config\")")
+    config: dict[str, Any] = Field(default_factory=dict, description="passed to the "
+                                   "architecture's Config (init = \"config\")")
+    tokenizer: str | None = Field(None, description="the tokenizer; default: the backbone's "
+                                  "own (init = \"config\": model.name_or_path's)")
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning or a LoRA "
+                                            "adapter (merged before scoring)")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
+                             "\"lora\")")
+    max_length: int = Field(512, ge=2, description="tokens per text (prompt and answer), "
+                            "truncated")
+    lr: float = Field(2e-5, ge=0, description="learning rate (peak, after warmup)")
+    scheduler: Scheduler = Field("linear", description="learning-rate schedule "
+                                 "(transformers' SchedulerType)")
 
 
 class PpoConfig(Section):
     """RLHF with trl's PPO: a LoRA policy against a reward model, KL-penalised to the reference."""
 
-    data: str | None = None  # prompts; the source's template turns a row into a query
-    model: str | None = None  # policy; default: the upstream merge/sft model
-    reward_model: str | None = None  # default: <run_dir>/reward/model
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    steps: int = Field(100, ge=1)  # PPO batches (each: rollout, score, ppo_epochs of updates)
-    batch_size: int = Field(32, ge=1)  # rollouts per batch (the course: 32)
-    mini_batches: int = Field(8, ge=1)  # the course: mini-batch 4 of 32 -> 8 mini-batches
-    grad_accum: int = Field(1, ge=1)
-    ppo_epochs: int = Field(4, ge=1)
-    lr: float = Field(1.41e-5, ge=0)
-    query_max_length: int = Field(400, ge=1)
-    response_length: int = Field(64, ge=1)  # new tokens per response (trl's v2 PPO: a maximum)
-    temperature: float = Field(1.0, gt=0)
-    kl_coef: float = 0.2  # initial KL coefficient
-    kl_target: float | None = None  # adapt kl_coef to this KL (Ziegler et al.); None: fixed
-    kl_horizon: int = 10000
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    cliprange: float = 0.2
-    vf_coef: float = 0.1
-    missing_eos_penalty: float | None = None
-    reward_batch_size: int = Field(16, ge=1)
-    reward_max_length: int = Field(400, ge=2)
-    # What the reward model reads: a format string over the prompt row's fields and {response}
-    # (the policy's answer alone), e.g. "{response}: {text}"; default: the query and response.
-    reward_text: str | None = None
-    eval_prompts: int = Field(32, ge=1)  # held-out prompts scored before and after PPO
-    max_kl: float | None = None  # fail the stage if the final KL to the reference exceeds this
-    precision: Precision = "auto"
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(1, ge=1)
-    merge: bool = False  # also write a merged standalone model
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    data: str | None = Field(None, description="the [data.<name>] source of prompts; its "
+                             "template turns a row into a query")
+    model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
+    reward_model: str | None = Field(None, description="the reward model; default: "
+                                     "<run_dir>/reward/model")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the policy's adapter")
+    steps: int = Field(100, ge=1, description="PPO batches (each: rollout, score, ppo_epochs "
+                       "of updates)")
+    batch_size: int = Field(32, ge=1, description="rollouts per batch")  # the course: 32
+    # the course: mini-batch 4 of 32 -> 8 mini-batches
+    mini_batches: int = Field(8, ge=1, description="mini-batches each batch is split into "
+                              "for the updates")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation: a process's "
+                            "micro-batch is batch_size / grad_accum rollouts")
+    ppo_epochs: int = Field(4, ge=1, description="passes of updates over each batch")
+    lr: float = Field(1.41e-5, ge=0, description="learning rate (peak; decays linearly)")
+    query_max_length: int = Field(400, ge=1, description="tokens kept of each query (the "
+                                  "prompt), truncated")
+    response_length: int = Field(64, ge=1, description="new tokens per response (trl's v2 "
+                                 "PPO: a maximum)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the responses")
+    kl_coef: float = Field(0.2, description="initial KL coefficient")
+    kl_target: float | None = Field(None, description="adapt kl_coef to this KL (Ziegler et "
+                                    "al.); None: fixed")
+    kl_horizon: int = Field(10000, description="kl_target: the adaptive controller's horizon "
+                            "in rollouts (larger: kl_coef moves more slowly)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="trl's KL estimator: k1 (the "
+                                              "log-ratio) or k3 (lower variance)")
+    cliprange: float = Field(0.2, description="clipping range of the policy's probability "
+                             "ratio")
+    vf_coef: float = Field(0.1, description="weight of the value loss")
+    missing_eos_penalty: float | None = Field(None, description="subtracted from the score of "
+                                              "a response without EOS; None: no penalty")
+    reward_batch_size: int = Field(16, ge=1, description="texts per reward-model batch when "
+                                   "it reads re-tokenized text")
+    reward_max_length: int = Field(400, ge=2, description="reward-model tokens per text, "
+                                   "truncated, when it reads re-tokenized text")
+    reward_text: str | None = Field(None, description="what the reward model reads: a format "
+                                    "string over the prompt row's fields and {response} (the "
+                                    "policy's answer alone), e.g. \"{response}: {text}\"; "
+                                    "default: the query and response")
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts scored before and after "
+                              "PPO")
+    max_kl: float | None = Field(None, description="fail the stage if the final KL to the "
+                                 "reference exceeds this")
+    precision: Precision = Field("auto", description="training precision; auto: bf16 on CUDA "
+                                 "cards that have it, fp16 on older cards, fp32 on CPU")
+    save_steps: int = Field(50, ge=1, description="save a checkpoint every this many PPO "
+                            "batches")
+    logging_steps: int = Field(1, ge=1, description="trl's logging_steps, in PPO batches "
+                               "(trl's PPO logs every batch regardless)")
+    merge: bool = Field(False, description="also write a merged standalone model")
+    report_to: Literal["none", "wandb", "tensorboard"] = Field(
+        "none", description="experiment tracker; its files go in the stage directory")
 
     _reward_text = field_validator("reward_text")(lambda cls, value: _names_response(value))
 
@@ -207,13 +295,18 @@ def _names_response(text: str | None) -> str | None:
 
 
 class DpoConfig(TrainConfig):
-    model: str | None = None  # default: the upstream merge/sft model
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    beta: float = Field(0.1, gt=0)
-    loss_type: str = "sigmoid"  # trl's names: sigmoid, ipo, hinge, robust, ...
-    max_length: int = Field(512, ge=2)
-    lr: float = Field(5e-6, ge=0)
+    model: str | None = Field(None, description="the policy to tune; default: the upstream "
+                              "merge/sft model")
+    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
+                                            "fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
+                             "\"lora\")")
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the policy is held to "
+                        "the reference (higher: closer)")
+    loss_type: str = Field("sigmoid", description="trl's DPO loss name: sigmoid, ipo, hinge, "
+                           "robust, ...")
+    max_length: int = Field(512, ge=2, description="tokens per prompt and answer, truncated")
+    lr: float = Field(5e-6, ge=0, description="learning rate (peak, after warmup)")
 
 
 # A reward's weight in GRPO's sum: negative for a penalty, never inf or nan.
@@ -223,17 +316,19 @@ RewardWeight = Annotated[float, Field(allow_inf_nan=False)]
 class LabelMatchReward(Section):
     """1 when the completion's first word is the row's label (case and punctuation aside)."""
 
-    kind: Literal["label_match"]
-    field: str | None = None  # the row's label field; default: the template's response field
-    weight: RewardWeight = 1.0
+    kind: Literal["label_match"] = Field(..., description="the reward kind")
+    field: str | None = Field(None, description="the row's label field; default: the "
+                              "template's response field")
+    weight: RewardWeight = Field(1.0, description="weight in GRPO's sum (negative: a penalty)")
 
 
 class RegexReward(Section):
     """1 when ``re.search(pattern, completion)`` finds a match (anchor with ^...$ for whole)."""
 
-    kind: Literal["regex"]
-    pattern: str
-    weight: RewardWeight = 1.0
+    kind: Literal["regex"] = Field(..., description="the reward kind")
+    pattern: str = Field(..., description="a Python regular expression searched for in the "
+                         "completion")
+    weight: RewardWeight = Field(1.0, description="weight in GRPO's sum (negative: a penalty)")
 
     @field_validator("pattern")
     @classmethod
@@ -250,10 +345,10 @@ class RegexReward(Section):
 class LengthReward(Section):
     """1 when the completion has ``min_tokens``..``max_tokens`` tokens, else 0."""
 
-    kind: Literal["length"]
-    min_tokens: int = Field(1, ge=0)
-    max_tokens: int = Field(..., ge=1)
-    weight: RewardWeight = 1.0
+    kind: Literal["length"] = Field(..., description="the reward kind")
+    min_tokens: int = Field(1, ge=0, description="fewest completion tokens that score 1")
+    max_tokens: int = Field(..., ge=1, description="most completion tokens that score 1")
+    weight: RewardWeight = Field(1.0, description="weight in GRPO's sum (negative: a penalty)")
 
     @model_validator(mode="after")
     def _band(self) -> "LengthReward":
@@ -265,14 +360,15 @@ class LengthReward(Section):
 class ModelReward(Section):
     """A reward model's score (a one-label sequence classifier, with its own tokenizer)."""
 
-    kind: Literal["model"]
-    model: str | None = None  # default: <run_dir>/reward/model
-    # What it reads: a format string over the prompt row's fields and {response}, as
-    # ppo.reward_text; default: the prompt and the completion.
-    text: str | None = None
-    max_length: int = Field(512, ge=2)
-    batch_size: int = Field(16, ge=1)
-    weight: RewardWeight = 1.0
+    kind: Literal["model"] = Field(..., description="the reward kind")
+    model: str | None = Field(None, description="the reward model; default: "
+                              "<run_dir>/reward/model")
+    text: str | None = Field(None, description="what it reads: a format string over the "
+                             "prompt row's fields and {response}, as ppo.reward_text; "
+                             "default: the prompt and the completion")
+    max_length: int = Field(512, ge=2, description="reward-model tokens per text, truncated")
+    batch_size: int = Field(16, ge=1, description="texts per reward-model batch")
+    weight: RewardWeight = Field(1.0, description="weight in GRPO's sum (negative: a penalty)")
 
     _text = field_validator("text")(lambda cls, value: _names_response(value))
 
@@ -282,9 +378,9 @@ class FunctionReward(Section):
     ``f(prompts, completions, completion_ids, **row_fields) -> list[float]``. Named here
     explicitly; llmctl imports nothing else."""
 
-    kind: Literal["function"]
-    function: str
-    weight: RewardWeight = 1.0
+    kind: Literal["function"] = Field(..., description="the reward kind")
+    function: str = Field(..., description="your reward function, as module:function")
+    weight: RewardWeight = Field(1.0, description="weight in GRPO's sum (negative: a penalty)")
 
     @field_validator("function")
     @classmethod
@@ -304,20 +400,30 @@ class GrpoConfig(TrainConfig):
     """trl's GRPO: groups of sampled completions per prompt, scored by verifiable rewards
     and/or reward models, each completion's advantage relative to its group."""
 
-    model: str | None = None  # policy; default: the upstream merge/sft model
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    rewards: list[GrpoReward] = Field(..., min_length=1)  # weighted and summed
-    num_generations: int = Field(8, ge=2)  # completions per prompt (the group)
-    max_completion_length: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.0, ge=0)  # KL to the reference; 0: no reference model is loaded
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
-    epsilon: float = Field(0.2, gt=0)  # the clipping range
-    eval_prompts: int = Field(64, ge=1)  # held-out prompts scored before and after
-    lr: float = Field(1e-5, ge=0)
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(50, ge=1)
+    model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
+    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
+                                            "fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
+                             "\"lora\")")
+    rewards: list[GrpoReward] = Field(..., min_length=1, description="the rewards, weighted "
+                                      "and summed")
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
+    max_completion_length: int = Field(32, ge=1, description="new tokens per completion, at "
+                                       "most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the "
+                               "completions")
+    beta: float = Field(0.0, ge=0, description="KL to the reference; 0: no reference model is "
+                        "loaded")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="trl's GRPO loss variant (how token losses are normalised)")
+    epsilon: float = Field(0.2, gt=0, description="the clipping range of the probability "
+                           "ratio")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts scored before and after")
+    lr: float = Field(1e-5, ge=0, description="learning rate (peak, after warmup)")
+    logging_steps: int = Field(1, ge=1, description="log training metrics every this many "
+                               "optimizer steps")
+    save_steps: int = Field(50, ge=1, description="save a checkpoint every this many "
+                            "optimizer steps")
 
     @model_validator(mode="after")
     def _groups(self) -> "GrpoConfig":
@@ -330,11 +436,17 @@ class GrpoConfig(TrainConfig):
 
 
 class MergeConfig(Section):
-    adapter: str | None = None  # default: upstream sft (or ppo) adapter
-    base: str | None = None  # default: the base recorded in the adapter
-    allow_other_base: bool = False  # merge into a base other than the one it was trained on
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    tolerance: float = Field(1e-3, ge=0)
+    adapter: str | None = Field(None, description="the LoRA adapter; default: the sft "
+                                "stage's, <run_dir>/sft/adapter")
+    base: str | None = Field(None, description="the base model; default: the base recorded in "
+                             "the adapter")
+    allow_other_base: bool = Field(False, description="merge into a base other than the one "
+                                   "it was trained on")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved model; auto: model.dtype (auto there too: the "
+        "float32 merge as is)")
+    tolerance: float = Field(1e-3, ge=0, description="largest |logit difference| allowed "
+                             "between the merged model and base+adapter on probe texts")
 
 
 class QuantizeCommon(Section):
@@ -350,12 +462,15 @@ class QuantizeCommon(Section):
         "perplexity", description="the accuracy criterion, measured before and after")
     data: str | None = Field(None, description="metric = perplexity: the [data.<name>] source "
                              "whose eval split is scored")
-    seq_len: int = Field(256, ge=2)
-    eval_batch_size: int = Field(4, ge=1)
-    eval_max_batches: int | None = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2, description="tokens per perplexity and calibration block")
+    eval_batch_size: int = Field(4, ge=1, description="blocks per perplexity batch; lm-eval's "
+                                 "batch size (metric = task)")
+    eval_max_batches: int | None = Field(16, ge=1, description="metric = perplexity: batches "
+                                         "scored; None: the whole eval split")
     task: str | None = Field(None, description="metric = task: an lm-eval task name")
     task_path: str | None = Field(None, description="a directory of local lm-eval YAML tasks")
-    task_metric: str = "acc"
+    task_metric: str = Field("acc", description="metric = task: which of the task's lm-eval "
+                             "metrics is compared")
     limit: int | None = Field(None, description="lm-eval documents per task")
     apply_chat_template: bool = Field(False, description="task prompts as a user turn in the "
                                       "model's chat template")
@@ -391,30 +506,34 @@ class QuantizeCommon(Section):
 class IncQuantize(QuantizeCommon):
     """Intel neural-compressor weight-only quantization (INT4/INT8 groups)."""
 
-    backend: Literal["inc"] = "inc"
-    method: Literal["rtn", "gptq", "awq"] = "rtn"
-    bits: Literal[4, 8] = 4
+    backend: Literal["inc"] = Field("inc", description="the quantization backend (the default)")
+    method: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="round-to-nearest, or GPTQ / AWQ (calibrated)")
+    bits: Literal[4, 8] = Field(4, description="weight bits")
     group_size: int = Field(128, ge=-1, description="-1: one group per output channel")
-    sym: bool = True
+    sym: bool = Field(True, description="symmetric quantization (no zero point)")
 
 
 
 class TorchQuantize(QuantizeCommon):
     """PyTorch dynamic INT8: int8 weights per output channel, activations quantized on the fly."""
 
-    backend: Literal["torch"]
-    method: Literal["dynamic"] = "dynamic"
-    bits: Literal[8] = 8
+    backend: Literal["torch"] = Field(..., description="the quantization backend")
+    method: Literal["dynamic"] = Field("dynamic", description="dynamic INT8 (the only method)")
+    bits: Literal[8] = Field(8, description="weight bits (INT8 only)")
 
 
 class OpenVinoQuantize(QuantizeCommon):
     """OpenVINO through optimum-intel/NNCF: weight-only INT4/INT8, or static INT8."""
 
-    backend: Literal["openvino"]
-    method: Literal["weight", "static"] = "weight"
-    bits: Literal[4, 8] = 4
-    group_size: int = Field(128, ge=-1)
-    sym: bool = True
+    backend: Literal["openvino"] = Field(..., description="the quantization backend")
+    method: Literal["weight", "static"] = Field(
+        "weight", description="weight: weight-only compression; static: INT8 weights and "
+        "activations, calibrated")
+    bits: Literal[4, 8] = Field(4, description="weight bits (static: 8)")
+    group_size: int = Field(128, ge=-1, description="INT4: weights per quantization group; -1: "
+                            "one group per output channel")
+    sym: bool = Field(True, description="symmetric quantization (no zero point)")
     smooth_quant: bool = Field(True, description="static: SmoothQuant before quantizing")
     smooth_quant_alpha: float = Field(0.95, ge=0, le=1, description="SmoothQuant's migration "
                                       "strength (0.95 is NNCF's default for transformers)")
@@ -429,9 +548,9 @@ class OpenVinoQuantize(QuantizeCommon):
 class BnbQuantize(QuantizeCommon):
     """bitsandbytes 8-bit or 4-bit NF4 weights through transformers (CUDA)."""
 
-    backend: Literal["bnb"]
-    method: Literal["weight"] = "weight"
-    bits: Literal[4, 8] = 4
+    backend: Literal["bnb"] = Field(..., description="the quantization backend")
+    method: Literal["weight"] = Field("weight", description="weight-only (the only method)")
+    bits: Literal[4, 8] = Field(4, description="weight bits: 8-bit, or 4-bit NF4")
 
 
 def _quantize_backend(raw: Any) -> str:
@@ -461,50 +580,71 @@ INC_INT8_HINT = ("; neural-compressor 3.x runs dynamic/static INT8 through a PT2
 class LatencyConfig(Section):
     """Generation timing: forced lengths (min = max new tokens), median of several runs."""
 
-    prompt_tokens: int = Field(32, ge=1)
-    new_tokens: int = Field(64, ge=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1])
-    num_beams: list[int] = Field(default_factory=lambda: [1, 4])
-    runs: int = Field(3, ge=0)
+    prompt_tokens: int = Field(32, ge=1, description="tokens per timed prompt")
+    new_tokens: int = Field(64, ge=1, description="tokens generated per timed run (forced)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], description="batch sizes "
+                                   "timed")
+    num_beams: list[int] = Field(default_factory=lambda: [1, 4], description="beam counts "
+                                 "timed (1: greedy)")
+    runs: int = Field(3, ge=0, description="timed runs per setting, after a warm-up; the "
+                      "median is reported; 0: no timing")
 
 
 class BenchConfig(Section):
-    # Stage names ("merge", "quantize", ...) or model paths; default: the last trained model
-    # and, when the recipe quantizes, the quantized one: the vanilla-vs-quantized table.
-    models: list[str] = Field(default_factory=list)
-    tasks: list[str] = Field(default_factory=list)  # lm-eval tasks (registry or task_path)
-    task_path: str | None = None
-    num_fewshot: int | None = None
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    apply_chat_template: bool = False  # task prompts as a user turn in the model's chat template
-    data: str | None = None  # perplexity on this source's eval split
-    seq_len: int = Field(256, ge=2)
-    eval_batch_size: int = Field(4, ge=1)
-    eval_max_batches: int | None = Field(16, ge=1)
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # runs = 0: no timing
+    models: list[str] = Field(default_factory=list, description="stage names (\"merge\", "
+                              "\"quantize\", ...) or model paths; default: the last trained "
+                              "model and, when the recipe quantizes, the quantized one: the "
+                              "vanilla-vs-quantized table")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (registry or "
+                             "task_path)")
+    task_path: str | None = Field(None, description="a directory of local lm-eval YAML tasks")
+    num_fewshot: int | None = Field(None, description="few-shot examples per task prompt; "
+                                    "None: each task's default")
+    limit: int | None = Field(None, ge=1, description="lm-eval documents per task; None: all")
+    batch_size: int = Field(8, ge=1, description="lm-eval's batch size")
+    apply_chat_template: bool = Field(False, description="task prompts as a user turn in the "
+                                      "model's chat template")
+    data: str | None = Field(None, description="perplexity on this [data.<name>] source's "
+                             "eval split")
+    seq_len: int = Field(256, ge=2, description="tokens per perplexity block")
+    eval_batch_size: int = Field(4, ge=1, description="blocks per perplexity batch")
+    eval_max_batches: int | None = Field(16, ge=1, description="perplexity batches scored; "
+                                         "None: the whole eval split")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="generation "
+                                   "timing; runs = 0: no timing")
 
 
 class GenerateConfig(Section):
-    model: str | None = None  # default: the last model-producing stage of the recipe
-    # named template, format string, or "chat" (the model's chat template; prompt = user turn);
-    # the prompt is the text before the template's last field
-    template: str | None = None
-    system: str | None = None  # template = "chat": a system prompt before each user turn
-    prompts: list[str] = Field(default_factory=list)
-    prompts_file: str | None = None  # "" = none: how `generate --prompt` drops the recipe's
-    max_new_tokens: int = Field(64, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
-    do_sample: bool = False
-    num_beams: int = Field(1, ge=1)
-    top_k: int = Field(50, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    num_return_sequences: int = Field(1, ge=1)
-    stop: list[str] = Field(default_factory=list)
+    model: str | None = Field(None, description="a stage name or model path; default: the last "
+                              "model-producing stage of the recipe")
+    template: str | None = Field(None, description="named template, format string, or \"chat\" "
+                                 "(the model's chat template; prompt = user turn); the prompt "
+                                 "is the text before the template's last field")
+    system: str | None = Field(None, description="template = \"chat\": a system prompt before "
+                               "each user turn")
+    prompts: list[str] = Field(default_factory=list, description="prompts to complete")
+    prompts_file: str | None = Field(None, description="more prompts: one per line, or JSONL "
+                                     "lines with a \"prompt\" key; \"\" = none: how "
+                                     "`generate --prompt` drops the recipe's")
+    max_new_tokens: int = Field(64, ge=1, description="new tokens per completion, at most")
+    min_new_tokens: int = Field(0, ge=0, description="new tokens per completion, at least")
+    do_sample: bool = Field(False, description="sample (temperature, top_k, top_p), else "
+                            "greedy or beam search")
+    num_beams: int = Field(1, ge=1, description="beams of beam search; 1: none")
+    top_k: int = Field(50, ge=0, description="do_sample: sample from the k likeliest tokens; "
+                       "0: all")
+    top_p: float = Field(1.0, gt=0, le=1, description="do_sample: nucleus sampling's "
+                         "probability mass; 1: all")
+    temperature: float = Field(1.0, gt=0, description="do_sample: the sampling temperature")
+    repetition_penalty: float = Field(1.0, gt=0, description="penalty on tokens already "
+                                      "present (1: none)")
+    length_penalty: float = Field(1.0, description="beam search: exponent on the length "
+                                  "dividing a beam's score (> 0 favours longer)")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram of this size occurs "
+                                      "twice; 0: no limit")
+    num_return_sequences: int = Field(1, ge=1, description="completions per prompt")
+    stop: list[str] = Field(default_factory=list, description="stop strings: generation stops "
+                            "at the first, and the completion is cut before it")
 
     @model_validator(mode="after")
     def _check(self) -> "GenerateConfig":

@@ -3,10 +3,11 @@
 Measured in one run:
 
 1. the machine's memory read bandwidth, the ceiling of batch-1 decoding;
-2. on an OPT-125m-shaped model built from its config (the real one's compute; no download):
-   median seconds for ``--tokens`` forced new tokens, greedy and 4-beam, for fp32 eager (the
-   baseline), bf16 eager, and each backend as `llmctl quantize` builds it. The rounds interleave
-   the variants, because this machine's speed drifts by +-20% within a minute;
+2. on a model of ``--shape`` built from its config (OPT-125m or the course's OPT-1.3B: the real
+   one's compute, random weights, no download): median seconds for ``--tokens`` forced new
+   tokens, greedy and 4-beam, for fp32 eager (the baseline), bf16 eager, and each backend as
+   `llmctl quantize` builds it, and time to first token for a ``--prompt-tokens`` prompt. The
+   rounds interleave the variants, because this machine's speed drifts by +-20% within a minute;
 3. on the trained demo model (``runs/demo``, made by ``llmctl demo`` if missing): each
    backend's quality loss against the fp model, perplexity on the held-out sentiment rows and
    accuracy on the demo lm-eval task.
@@ -14,7 +15,10 @@ Measured in one run:
 Prints speed-ups (course targets: 2.2x greedy, 3.5x beam), batch-1 tokens/s as a fraction of
 bandwidth / weight bytes read per token, and relative quality loss (target: within 1%). Usage:
 
-    python scripts/bench_generate.py [--tokens 256] [--rounds 3] [--demo-run-dir runs/demo]
+    python scripts/bench_generate.py [--shape opt-125m|opt-1.3b] [--tokens 256] [--rounds 3]
+        [--prompt-tokens 512] [--variants ...] [--no-quality] [--demo-run-dir runs/demo]
+
+At the 1.3B shape each fp32 copy is 5.3 GB: pick a few --variants on a 24 GB machine.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from llmctl.env import quiet_libraries
 quiet_libraries()  # before transformers is imported
 
 import argparse  # noqa: E402
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -57,6 +63,19 @@ VARIANTS = {
     "openvino int4 g128": ({"backend": "openvino", "method": "weight", "bits": 4,
                             "group_size": 128, "sym": True, "ratio": 1.0}, 0.5, 1.0),
 }
+# The same models saved and reopened as `llmctl quantize` leaves them: openvino-genai's C++
+# loop decodes them (in generate and bench); the variants above use optimum-intel's generate.
+GENAI = " genai"
+VARIANTS.update({name + GENAI: VARIANTS[name]
+                 for name in ("openvino fp32", "openvino int8", "openvino int4 g128")})
+
+
+# The models the course measures, by their Hugging Face configs (facebook/opt-125m, opt-1.3b).
+SHAPES = {
+    "opt-125m": {},
+    "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+                 "num_attention_heads": 32, "word_embed_proj_dim": 2048},
+}
 
 
 def read_bandwidth(gib: float = 1.0, trials: int = 7) -> float:
@@ -79,8 +98,17 @@ def build(variant, fp_model, source_dir: str, calibration: quantization.Calibrat
         quantization.decline_openvino_telemetry()
         from optimum.intel import OVModelForCausalLM
 
-        return OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)
-    return quantization.quantize(fp_model, source_dir, spec, calibration)
+        model = OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False)
+    else:
+        model = quantization.quantize(fp_model, source_dir, spec, calibration)
+    if variant.endswith(GENAI):
+        from llmctl.quantization.openvino import OpenVino
+
+        saved = Path(tempfile.mkdtemp(prefix="bench-genai-"))
+        atexit.register(shutil.rmtree, saved, ignore_errors=True)
+        model.save_pretrained(str(saved))
+        return OpenVino().load(saved, spec)
+    return model
 
 
 def _copy_to(model, dtype):
@@ -91,12 +119,13 @@ def _copy_to(model, dtype):
 
 def speed(args, bandwidth: float) -> dict:
     torch.manual_seed(0)
-    config = OPTConfig()  # facebook/opt-125m: 12 layers, 768 wide, 50,272-token vocabulary
+    config = OPTConfig(**SHAPES[args.shape])  # 50,272-token vocabulary, 2,048 positions
     model = OPTForCausalLM(config).eval()
     layer_weights = sum(m.weight.numel() for m in model.model.decoder.layers.modules()
                         if isinstance(m, torch.nn.Linear))
     head_weights = model.lm_head.weight.numel()
     prompt = torch.randint(4, config.vocab_size, (1, 32))
+    long_prompt = torch.randint(4, config.vocab_size, (1, args.prompt_tokens))
     # Random weights, random tokens: only the speed of static INT8 is measured on this model.
     calibration = quantization.Calibration([torch.randint(4, config.vocab_size, (128,))
                                             for _ in range(16)])
@@ -109,6 +138,7 @@ def speed(args, bandwidth: float) -> dict:
             models[variant] = build(variant, model, tmp, calibration)
             print(f"  built {variant} in {time.perf_counter() - t0:.1f} s", flush=True)
         times = {(v, beams): [] for v in models for beams in (1, 4)}
+        first = {v: [] for v in models}
         for v in models:  # warm-up
             for beams in (1, 4):
                 generate_seconds(models[v], prompt, 8, beams, config.pad_token_id)
@@ -119,6 +149,8 @@ def speed(args, bandwidth: float) -> dict:
                     times[(v, beams)].append(s)
                     print(f"  round {r + 1} {v} {'greedy' if beams == 1 else 'beam4'}: {s:.2f} s",
                           flush=True)
+                first[v].append(generate_seconds(models[v], long_prompt, 1, 1,
+                                                 config.pad_token_id))
     for v in models:
         _, layer_bytes, head_bytes = VARIANTS[v]
         bytes_per_token = layer_weights * layer_bytes + head_weights * head_bytes
@@ -130,6 +162,8 @@ def speed(args, bandwidth: float) -> dict:
             "beam4_speedup": statistics.median(times[("fp32 eager", 4)]) / beam,
             "tokens_per_second_b1": args.tokens / greedy,
             "roofline_tokens_per_second": bandwidth / bytes_per_token,
+            "ttft_seconds": statistics.median(first[v]),
+            "seconds_min": min(times[(v, 1)]), "seconds_max": max(times[(v, 1)]),
         }
         results[v]["fraction_of_roofline"] = (results[v]["tokens_per_second_b1"]
                                               / results[v]["roofline_tokens_per_second"])
@@ -165,7 +199,12 @@ def quality(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="opt-125m")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="prompt length for time to first token")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="speed only (skip the demo model's quality loss)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--demo-run-dir", default="runs/demo")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -176,24 +215,28 @@ def main() -> None:
 
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
-    print(f"OPT-125m shape, {args.tokens} forced tokens, batch 1, median of {args.rounds}:")
+    print(f"{args.shape} shape, {args.tokens} forced tokens, batch 1, median of {args.rounds}:")
     fast = speed(args, bandwidth)
-    print("demo model quality (perplexity on held-out sentiment rows, demo_sentiment acc):")
-    good = quality(args)
+    good = {}
+    if not args.no_quality:
+        print("demo model quality (perplexity on held-out sentiment rows, demo_sentiment acc):")
+        good = quality(args)
 
     print()
-    print("| variant | greedy s | speed-up | 4-beam s | speed-up | tok/s b1 | roofline tok/s "
-          "| of roofline | demo perplexity loss | demo acc loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| variant | greedy s (min-max) | speed-up | 4-beam s | speed-up | tok/s b1 | roofline "
+          f"tok/s | of roofline | TTFT {args.prompt_tokens} tok | demo perplexity loss "
+          "| demo acc loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in args.variants:
-        s, q = fast[v], good[v]
-        print(f"| {v} | {s['greedy_seconds']:.2f} | {s['greedy_speedup']:.2f}x | "
-              f"{s['beam4_seconds']:.2f} | {s['beam4_speedup']:.2f}x | "
-              f"{s['tokens_per_second_b1']:.1f} | {s['roofline_tokens_per_second']:.0f} | "
-              f"{s['fraction_of_roofline']:.0%} | {q['perplexity_loss']:+.2%} | "
-              f"{q['acc_loss']:+.2%} |")
+        s, q = fast[v], good.get(v)
+        loss = (f"{q['perplexity_loss']:+.2%} | {q['acc_loss']:+.2%}" if q else "- | -")
+        print(f"| {v} | {s['greedy_seconds']:.2f} ({s['seconds_min']:.2f}-{s['seconds_max']:.2f}) "
+              f"| {s['greedy_speedup']:.2f}x | {s['beam4_seconds']:.2f} | {s['beam4_speedup']:.2f}x "
+              f"| {s['tokens_per_second_b1']:.1f} | {s['roofline_tokens_per_second']:.0f} | "
+              f"{s['fraction_of_roofline']:.0%} | {s['ttft_seconds']:.2f} s | {loss} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "speed": fast,
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "bandwidth": bandwidth,
+                                               "speed": fast,
                                                "quality": good}, indent=2))
 
 

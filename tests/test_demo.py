@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -16,9 +17,9 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     """As a user runs it: `python -m llmctl demo` in a fresh process."""
-    run_dir = tmp_path / "demo"
+    run_dir = tmp_path / "runs" / "demo"  # where the README's commands look for it
     done = run_llmctl(["demo", "--run-dir", run_dir])
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -66,6 +67,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "llmctl demo" in out and "eval_task_accuracy_after" in out
     assert "INT8 speed" in out  # the ratio comes with what it means at this size
     check_demo_grpo(run_dir, tmp_path / "demo-grpo", capsys)
+    check_readme_commands(tmp_path, capsys, monkeypatch)
     # a second run skips every finished stage
     code, out, err = run_cli(["demo", "--run-dir", run_dir], capsys)
     assert code == 0 and err.count("up to date, skipped") == 7
@@ -92,6 +94,29 @@ def check_demo_grpo(demo_dir: Path, run_dir: Path, capsys) -> None:
     gain = grpo["eval_task_accuracy_after"] - grpo["eval_task_accuracy_before"]
     assert gain > 2 * grpo["eval_task_accuracy_gain_sem"], grpo
     assert grpo["eval_reward_after"] > grpo["eval_reward_before"], grpo
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `llmctl` command in the README's ```bash blocks, as argument lists (continuation
+    lines joined, comments dropped)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), re.M | re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("llmctl ")]
+
+
+def check_readme_commands(work: Path, capsys, monkeypatch) -> None:
+    """The README's commands, as a user types them after `make demo` (runs/demo in the working
+    directory): each exits 0. `llmctl demo` made the run; `llmctl serve` runs until stopped
+    (tests/test_serve.py serves the demo's models)."""
+    monkeypatch.chdir(work)
+    (work / "my_rows.jsonl").write_text(  # the "Your own data" example's file
+        '{"question": "Is the tax due in April?", "response": "yes"}\n'
+        '{"question": "Who pays it?", "response": "everyone"}\n')
+    commands = [c for c in readme_commands() if c[1] not in ("demo", "serve")]
+    assert len(commands) >= 7, commands  # the quick start and "Your own data"
+    for command in commands:
+        code, out, err = run_cli(command[1:], capsys)
+        assert code == 0 and out.strip(), (command, err)
 
 
 def test_repo_demo_recipe_matches_embedded_one():

@@ -83,3 +83,43 @@ def test_unknown_backend_in_a_saved_model_names_the_file(tmp_path):
         quantization.load(tmp_path)
     with pytest.raises(UserError, match="quantize.backend: unknown backend 'tensorrt'"):
         quantization.check_supported("tensorrt")
+
+
+def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm, tmp_path):
+    """`quantize` with the openvino backend saves the tokenizer as OpenVINO IR beside the
+    model, so openvino-genai's LLMPipeline opens the directory as it is; llmctl's generate then
+    decodes in it (the optimum-intel model is never compiled) and gives the tokens optimum-intel
+    gives, greedy and beam search."""
+    pytest.importorskip("openvino_genai")
+    from transformers import GenerationConfig
+
+    from llmctl import quantization
+    from llmctl.models import load_causal_lm, load_tokenizer
+    from llmctl.quantization.openvino import genai_pipeline
+    from llmctl.schema import GenerateConfig
+    from llmctl.stages.generate import generate
+
+    tokenizer = load_tokenizer(str(tiny_lm))
+    chosen = {"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
+              "sym": False}
+    qmodel = quantization.quantize(load_causal_lm(str(tiny_lm)), str(tiny_lm), chosen)
+    quantization.save(qmodel, chosen, tmp_path / "q", tokenizer)
+    assert (tmp_path / "q" / "openvino_tokenizer.xml").exists()
+    assert (tmp_path / "q" / "openvino_detokenizer.xml").exists()
+
+    model = load_causal_lm(str(tmp_path / "q"))
+    assert genai_pipeline(model) is not None and model.request is None
+    text = "The function returns"
+    for cfg in (GenerateConfig(max_new_tokens=10),
+                GenerateConfig(max_new_tokens=10, num_beams=4, num_return_sequences=2)):
+        completions, _ = generate(model, tokenizer, text, cfg)
+        assert model.request is None  # decoded by openvino-genai, not optimum-intel
+        ids = tokenizer(text, return_tensors="pt")
+        reference = load_causal_lm(str(tmp_path / "q")).generate(
+            **ids, generation_config=GenerationConfig(
+                max_new_tokens=10, num_beams=cfg.num_beams, do_sample=False,
+                num_return_sequences=cfg.num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+        expected = tokenizer.batch_decode(reference[:, ids["input_ids"].shape[1]:],
+                                          skip_special_tokens=True)
+        assert completions == expected and any(c.strip() for c in completions)

@@ -6,6 +6,9 @@ import tomllib
 from pathlib import Path
 from typing import get_args
 
+from pydantic import BaseModel
+
+from llmctl import schema
 from llmctl.recipe import Recipe
 from llmctl.schema import Section
 from llmctl.stages import REGISTRY, STAGES, model_stages, stage_models
@@ -56,3 +59,30 @@ def test_run_order_and_default_models_come_from_the_registry(tmp_path):
     assert recipe.stages() == ["sft", "grpo", "generate"]  # pipeline order, not file order
     assert recipe.upstream_inputs("grpo") == {"model": "runs/t/sft/adapter"}
     assert recipe.upstream_inputs("generate") == {"model": "runs/t/grpo/adapter"}
+
+
+def test_every_table_field_has_a_description():
+    tables = schema_tables(schema)
+    assert {"RunConfig", "GrpoConfig", "LabelMatchReward", "LoraConfig", "LatencyConfig",
+            "IncQuantize", "BnbQuantize"} <= {t.__name__ for t in tables}
+    missing = [f"{table.__name__}.{name}" for table in tables
+               for name, field in table.model_fields.items()
+               if not (field.description or "").strip()]
+    assert not missing, f"fields without Field(description=...): {', '.join(missing)}"
+
+
+def schema_tables(module) -> list[type[BaseModel]]:
+    """Every Section subclass reachable from a module's names: its classes, the members of
+    its unions (QuantizeConfig, GrpoReward) and the tables its tables' fields hold."""
+    seen: dict[type, None] = {}
+    todo = list(vars(module).values())
+    while todo:
+        item = todo.pop()
+        if isinstance(item, type) and issubclass(item, module.Section):
+            if item not in seen:
+                seen[item] = None
+                todo += [field.annotation for field in item.model_fields.values()]
+        else:
+            todo += get_args(item)  # Union, Annotated, list[...], dict[..., ...]
+    return [table for table in seen if table.model_fields]
+

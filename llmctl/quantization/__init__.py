@@ -50,8 +50,10 @@ class Backend(Protocol):
                  calibration: Calibration | None):
         """A quantized copy of ``model`` (``source_dir`` holds it, for exporting backends)."""
 
-    def save(self, qmodel, out_dir: Path) -> None:
-        """The weights, in a format :meth:`load` reads (safetensors or OpenVINO IR)."""
+    def save(self, qmodel, out_dir: Path, tokenizer) -> None:
+        """The weights, in a format :meth:`load` reads (safetensors or OpenVINO IR), and any
+        form of the tokenizer the backend's own runtime needs (the transformers one is saved
+        for every backend)."""
 
     def load(self, path: Path, settings: dict[str, Any]):
         """The model :meth:`save` wrote, ready for ``generate`` and forward passes."""
@@ -93,7 +95,7 @@ def quantize(model: torch.nn.Module, source_dir: str, settings: dict[str, Any],
 def save(qmodel, settings: dict[str, Any], out_dir: Path, tokenizer) -> None:
     """Weights in the backend's loadable format, the tokenizer, and ``quantization.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend(settings["backend"]).save(qmodel, out_dir)
+    backend(settings["backend"]).save(qmodel, out_dir, tokenizer)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
 

@@ -35,7 +35,7 @@ class Bnb:
         return AutoModelForCausalLM.from_pretrained(source_dir, quantization_config=config,
                                                     use_safetensors=True, device_map={"": 0})
 
-    def save(self, qmodel, out_dir: Path) -> None:  # pragma: no cover - CUDA only
+    def save(self, qmodel, out_dir: Path, tokenizer) -> None:  # pragma: no cover - CUDA only
         qmodel.save_pretrained(str(out_dir))  # safetensors
 
     def load(self, path: Path, settings: dict[str, Any]):  # pragma: no cover - CUDA only

@@ -39,7 +39,7 @@ class Inc:
             calibration.feed(prepared)
         return convert(prepared)
 
-    def save(self, qmodel, out_dir: Path) -> None:
+    def save(self, qmodel, out_dir: Path, tokenizer) -> None:
         from neural_compressor.torch.quantization import save as inc_save
 
         inc_save(qmodel, str(out_dir), format="huggingface")  # safetensors

@@ -6,6 +6,7 @@ PT2E)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ class OpenVino:
         return OVModelForCausalLM.from_pretrained(source_dir, export=True,
                                                   quantization_config=weights)
 
-    def save(self, qmodel, out_dir: Path) -> None:
+    def save(self, qmodel, out_dir: Path, tokenizer) -> None:
         qmodel.save_pretrained(str(out_dir))  # IR: openvino_model.xml / .bin
+        save_genai_tokenizer(tokenizer, out_dir)
 
     def load(self, path: Path, settings: dict[str, Any]):
         decline_openvino_telemetry()
@@ -60,7 +62,94 @@ class OpenVino:
         except ImportError:
             raise UserError(f"{path}: an OpenVINO model needs optimum-intel: "
                             f"pip install 'llmctl[openvino]'") from None
-        return OVModelForCausalLM.from_pretrained(str(path))
+        # Compiled on first use: generate and bench decode through openvino-genai's pipeline
+        # when the directory has one, and only forward passes (perplexity, lm-eval) need this.
+        model = OVModelForCausalLM.from_pretrained(str(path), compile=False)
+        model.llmctl_dir = Path(path)  # what genai_pipeline opens
+        return model
+
+
+# openvino-genai's LLMPipeline opens a directory holding the model IR and the tokenizer as
+# openvino-tokenizers IR, and decodes in C++ (no Python per token).
+GENAI_TOKENIZER, GENAI_DETOKENIZER = "openvino_tokenizer.xml", "openvino_detokenizer.xml"
+
+
+def save_genai_tokenizer(tokenizer, out_dir: Path) -> bool:
+    """The tokenizer and detokenizer as OpenVINO IR beside the model (with its chat template),
+    so that ``openvino_genai.LLMPipeline(out_dir, "CPU")`` opens the directory as it is. False
+    when openvino-tokenizers is not installed or cannot convert this tokenizer: the directory
+    still loads through optimum-intel."""
+    try:
+        import openvino
+        from openvino_tokenizers import convert_tokenizer
+    except ImportError:
+        return False
+    try:
+        ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
+    except Exception as err:  # openvino-tokenizers raises several types for unsupported ones
+        print(f"note: openvino-genai cannot use this tokenizer ({type(err).__name__}: {err}); "
+              "generation goes through optimum-intel", file=sys.stderr)
+        return False
+    openvino.save_model(ov_tokenizer, str(out_dir / GENAI_TOKENIZER))
+    openvino.save_model(ov_detokenizer, str(out_dir / GENAI_DETOKENIZER))
+    return True
+
+
+def genai_pipeline(model):
+    """openvino-genai's ``LLMPipeline`` over the directory an OpenVINO model was loaded from
+    by :meth:`OpenVino.load`, made once per model; None for any other model (an export's own
+    temporary directory holds the IR from before compression), or without openvino-genai."""
+    if "_llmctl_genai" not in vars(model):
+        directory = vars(model).get("llmctl_dir")
+        model._llmctl_genai = None
+        if directory is not None:
+            try:
+                import openvino_genai
+            except ImportError:
+                pass
+            else:
+                model._llmctl_genai = openvino_genai.LLMPipeline(str(directory), "CPU")
+    return model._llmctl_genai
+
+
+def genai_generate(model, input_ids: torch.Tensor, config) -> list[list[int]] | None:
+    """New token ids for each returned sequence of one prompt (``input_ids``: 1 x length),
+    decoded by openvino-genai with a transformers ``GenerationConfig``'s settings. None when
+    ``model`` is not an OpenVINO model with a pipeline, or a setting has no openvino-genai
+    equivalent here: the caller then uses ``model.generate``."""
+    pipeline = genai_pipeline(model)
+    if pipeline is None or input_ids.shape[0] != 1:
+        return None
+    import openvino
+    import openvino_genai
+
+    forced = config.min_new_tokens == config.max_new_tokens  # a fixed length, as bench times
+    if config.min_new_tokens and not forced:
+        return None  # min_new_tokens: openvino-genai's continuous-batching pipeline only
+    if config.stop_strings and not (model.llmctl_dir / GENAI_DETOKENIZER).exists():
+        return None  # stop strings are matched on text: the pipeline needs the detokenizer
+    gen = pipeline.get_generation_config()
+    gen.max_new_tokens = config.max_new_tokens
+    gen.ignore_eos = forced
+    gen.num_beams = config.num_beams
+    gen.num_return_sequences = config.num_return_sequences
+    gen.do_sample = bool(config.do_sample)
+    if config.do_sample:
+        gen.temperature = config.temperature
+        gen.top_p = config.top_p
+        if config.top_k:  # transformers: 0 = off; openvino-genai's default is off
+            gen.top_k = config.top_k
+        gen.rng_seed = torch.initial_seed() % 2**32  # the stage's seed, as torch sampling has
+    gen.repetition_penalty = config.repetition_penalty
+    gen.length_penalty = config.length_penalty
+    gen.no_repeat_ngram_size = config.no_repeat_ngram_size or gen.no_repeat_ngram_size
+    if config.eos_token_id is not None:
+        gen.eos_token_id = config.eos_token_id
+    if config.stop_strings:
+        gen.stop_strings = set(config.stop_strings)
+    ids = input_ids.cpu().numpy()
+    inputs = openvino_genai.TokenizedInputs(openvino.Tensor(ids), openvino.Tensor(ids * 0 + 1))
+    return [list(tokens) for tokens in pipeline.generate(inputs, gen).tokens]
 
 
 def _static(source_dir: str, settings: dict[str, Any], calibration):

@@ -29,7 +29,7 @@ class TorchDynamic:
     def quantize(self, model, source_dir: str, settings: dict[str, Any], calibration):
         return dynamic_int8(copy.deepcopy(model), settings["fp32_modules"])
 
-    def save(self, qmodel, out_dir: Path) -> None:
+    def save(self, qmodel, out_dir: Path, tokenizer) -> None:
         qmodel.config.save_pretrained(out_dir)
         save_file(dynamic_state(qmodel), str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})

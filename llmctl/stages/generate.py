@@ -4,7 +4,9 @@ Loads a model directory or hub id (a LoRA adapter directory is loaded on its bas
 prompt into the template's prompt text, generates, cuts at stop sequences and writes
 ``generations.jsonl``. Greedy, sampling (top-k, top-p, temperature), beam search (length
 penalty), repetition penalty, min/max new tokens and several return sequences are all
-``model.generate`` arguments taken from the ``[generate]`` table.
+``model.generate`` arguments taken from the ``[generate]`` table. An OpenVINO model saved with
+its tokenizer IR (`llmctl quantize`, backend "openvino") decodes in openvino-genai's C++ loop
+with the same settings.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from llmctl.data import ChatTemplate, Template
 from llmctl.errors import UserError
 from llmctl.models import device, load_causal_lm, load_tokenizer, max_positions
 from llmctl.progress import stage_header
+from llmctl.quantization.openvino import genai_generate
 from llmctl.recipe import read_text
 from llmctl.schema import GenerateConfig
 from llmctl.stages import StageContext
@@ -170,20 +173,19 @@ def generate(model, tokenizer, text: str, cfg: GenerateConfig) -> tuple[list[str
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer)
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = genai_generate(model, batch["input_ids"], gen_config)  # OpenVINO: genai's C++ loop
+    if new is None:
+        out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer)
+        new = out[:, batch["input_ids"].shape[1]:]
     completions = [cut_at_stop(t, cfg.stop)
                    for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return completions, sum(generated_length(seq, tokenizer.eos_token_id) for seq in new)
 
 
-def generated_length(tokens: torch.Tensor, eos_token_id: int | None) -> int:
+def generated_length(tokens, eos_token_id: int | None) -> int:
     """New tokens up to and including the first eos (what follows is padding)."""
-    if eos_token_id is not None:
-        hits = (tokens == eos_token_id).nonzero()
-        if len(hits):
-            return int(hits[0]) + 1
-    return len(tokens)
+    tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    return tokens.index(eos_token_id) + 1 if eos_token_id in tokens else len(tokens)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
