@@ -25,7 +25,6 @@ from llmctl.data import Template
 from llmctl.errors import UserError
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
-EVAL_TASK_ROWS = 200  # held-out rows a training stage scores before and after
 
 
 def autocast_for(model):

@@ -181,6 +181,9 @@ class LoraConfig(Section):
 
 
 class SftConfig(TrainConfig):
+    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
+                                "is scored on before and after (when the answers are a few "
+                                "labels)")
     model: str | None = Field(None, description="the model to tune; default: upstream "
                               "pretrain output, else model.name_or_path")
     method: Literal["lora", "qlora", "full"] = Field(
@@ -295,6 +298,9 @@ def _names_response(text: str | None) -> str | None:
 
 
 class DpoConfig(TrainConfig):
+    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
+                                "is scored on before and after (when the answers are a few "
+                                "labels)")
     model: str | None = Field(None, description="the policy to tune; default: the upstream "
                               "merge/sft model")
     method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
@@ -401,6 +407,9 @@ class GrpoConfig(TrainConfig):
     and/or reward models, each completion's advantage relative to its group."""
 
     model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
+    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
+                                "is scored on before and after (when the answers are a few "
+                                "labels)")
     method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
                                             "fine-tuning")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "

@@ -63,9 +63,10 @@ def test_smollm2_converts_with_the_files_special_tokens(real):
 
 SMALL = {  # every stage of the real recipe, a few steps or rows each
     "data.tweets.limit": 24, "data.prefs.limit": 16, "data.reward_pairs.limit": 64,
-    "sft.max_steps": 3, "sft.eval_max_batches": 1, "reward.max_steps": 4,
+    "sft.max_steps": 3, "sft.eval_max_batches": 1, "sft.eval_task_rows": 12, "reward.max_steps": 4,
     "ppo.steps": 1, "ppo.batch_size": 4, "ppo.mini_batches": 1, "ppo.ppo_epochs": 1,
     "ppo.eval_prompts": 2, "dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.eval_max_batches": 1,
+    "dpo.eval_task_rows": 12,
     "quantize.limit": 6, "quantize.calibration_samples": 2, "quantize.tolerable_loss": 1.0,
     "bench.limit": 6, "bench.eval_max_batches": 1,
     "bench.latency.new_tokens": 4, "bench.latency.runs": 1,

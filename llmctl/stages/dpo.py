@@ -18,8 +18,7 @@ from trl import DPOTrainer
 from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split, preference_template
 from llmctl.errors import UserError
-from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
-    task_accuracy_metrics
+from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metrics
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
@@ -45,7 +44,7 @@ def run(ctx: StageContext) -> dict:
     # Pairs whose answers are a few labels (right over wrong) are also a task: how often the
     # right label is the model's most likely answer, before and after.
     template = preference_template(source, tokenizer)
-    eval_rows = preference_split(source, "eval", key).rows()[:EVAL_TASK_ROWS]
+    eval_rows = preference_split(source, "eval", key).rows()[:cfg.eval_task_rows]
     labels = candidate_labels(eval_rows, template)
     hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 

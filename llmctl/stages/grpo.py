@@ -18,8 +18,7 @@ from trl import GRPOConfig as TrlGRPOConfig
 from trl import GRPOTrainer
 
 from llmctl.data import make_template, open_split
-from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, paired_sem, \
-    task_accuracy_metrics
+from llmctl.evaluation import candidate_labels, label_hits, paired_sem, task_accuracy_metrics
 from llmctl.models import count_params, device, load_causal_lm, load_classifier, load_tokenizer, \
     lora_config
 from llmctl.progress import console, stage_header
@@ -58,7 +57,7 @@ def run(ctx: StageContext) -> dict:
                          f"{', '.join(f'{f.__name__} x{w:g}' for f, w in zip(funcs, weights))}")
 
     # Held-out evidence: the label task (when the answers are a few labels) and the reward.
-    task_rows = eval_rows[:EVAL_TASK_ROWS]
+    task_rows = eval_rows[:cfg.eval_task_rows]
     labels = candidate_labels(task_rows, template) if template.response_field in fields else None
     hits_before = label_hits(model, tokenizer, task_rows, template, labels) if labels else None
     held_out = eval_rows[:cfg.eval_prompts]

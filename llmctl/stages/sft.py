@@ -15,8 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from llmctl import distributed
 from llmctl.data import hf_dataset, make_template, open_split
 from llmctl.errors import UserError
-from llmctl.evaluation import EVAL_TASK_ROWS, candidate_labels, label_hits, \
-    task_accuracy_metrics
+from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metrics
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config, \
     max_positions
 from llmctl.progress import console, stage_header
@@ -50,7 +49,7 @@ def run(ctx: StageContext) -> dict:
     stage_header("sft", f"{cfg.method} on {inputs['model']}: {len(train_split):,} train rows, "
                         f"{len(eval_split):,} eval rows")
 
-    eval_rows = eval_split.rows()[:EVAL_TASK_ROWS]
+    eval_rows = eval_split.rows()[:cfg.eval_task_rows]
     labels = candidate_labels(eval_rows, template) if cfg.eval_task else None
     hits_before = label_hits(model, tokenizer, eval_rows, template, labels) if labels else None
 
