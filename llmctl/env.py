@@ -7,8 +7,13 @@ import os
 import warnings
 
 
+_quiet = False
+
+
 def quiet_libraries() -> None:
     """Advisory warnings and optional-kernel notices are noise for users; --debug keeps them."""
+    global _quiet
+    _quiet = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
@@ -19,8 +24,6 @@ def quiet_libraries() -> None:
     # neural-compressor (imported by peft) announces the accelerator it detected.
     for name in ("torchao", "torch.utils._pytree", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # NNCF (OpenVINO quantization) logs its bit-width statistics tables at INFO.
-    logging.getLogger("nncf").setLevel(logging.WARNING)
     # OpenVINO's PyTorch frontend logs "Failed to build model wrapper." as an error on every
     # Hugging Face export, then traces the model unwrapped, as intended: not an error for users.
     logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
@@ -28,3 +31,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def quiet_nncf() -> None:
+    """NNCF prints bit-width tables at INFO through a stdout handler it sets up on import (and
+    it needs its own logger class: creating the "nncf" logger before that import breaks it),
+    so it is quieted once imported, unless --debug."""
+    if _quiet:
+        import nncf
+
+        nncf.set_log_level(logging.WARNING)

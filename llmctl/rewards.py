@@ -2,7 +2,7 @@
 
 trl calls ``f(prompts=..., completions=..., completion_ids=..., **columns)`` with one entry per
 completion, ``columns`` being the dataset's other columns (here: the prompt row's fields), and
-reads one float per completion. A recipe lists rewards under ``[[grpo.rewards]]``; they are
+reads one float per completion. A recipe lists rewards under ``[[grpo.rewards]]`` (or rloo's); they are
 weighted and summed by trl.
 """
 
@@ -103,10 +103,11 @@ def load_function(spec: str, key: str) -> Callable:
     return function
 
 
-def build_rewards(rewards: list[GrpoReward], label_field: str, reward_models: dict[int, tuple]
-                  ) -> tuple[list[Callable], list[float]]:
+def build_rewards(rewards: list[GrpoReward], label_field: str, reward_models: dict[int, tuple],
+                  stage: str = "grpo") -> tuple[list[Callable], list[float]]:
     """The trl reward functions and their weights, in recipe order. ``reward_models`` maps the
-    index of each ``kind = "model"`` reward to its loaded (model, tokenizer)."""
+    index of each ``kind = "model"`` reward to its loaded (model, tokenizer); ``stage`` names
+    the table in errors."""
     funcs = []
     for i, reward in enumerate(rewards):
         if isinstance(reward, LabelMatchReward):
@@ -120,7 +121,7 @@ def build_rewards(rewards: list[GrpoReward], label_field: str, reward_models: di
             funcs.append(ModelScore(model, tokenizer, reward.text, reward.max_length,
                                     reward.batch_size))
         elif isinstance(reward, FunctionReward):
-            funcs.append(load_function(reward.function, f"grpo.rewards[{i}].function"))
+            funcs.append(load_function(reward.function, f"{stage}.rewards[{i}].function"))
     return funcs, [reward.weight for reward in rewards]
 
 

@@ -402,9 +402,9 @@ GrpoReward = Annotated[Union[LabelMatchReward, RegexReward, LengthReward, ModelR
                              FunctionReward], Field(discriminator="kind")]
 
 
-class GrpoConfig(TrainConfig):
-    """trl's GRPO: groups of sampled completions per prompt, scored by verifiable rewards
-    and/or reward models, each completion's advantage relative to its group."""
+class GroupRLConfig(TrainConfig):
+    """Online RL on groups of sampled completions per prompt, scored by verifiable rewards
+    and/or reward models (GRPO, RLOO): what both stages' tables share."""
 
     model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
     eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
@@ -423,8 +423,6 @@ class GrpoConfig(TrainConfig):
                                "completions")
     beta: float = Field(0.0, ge=0, description="KL to the reference; 0: no reference model is "
                         "loaded")
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
-        "dapo", description="trl's GRPO loss variant (how token losses are normalised)")
     epsilon: float = Field(0.2, gt=0, description="the clipping range of the probability "
                            "ratio")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts scored before and after")
@@ -435,13 +433,26 @@ class GrpoConfig(TrainConfig):
                             "optimizer steps")
 
     @model_validator(mode="after")
-    def _groups(self) -> "GrpoConfig":
+    def _groups(self) -> "GroupRLConfig":
         # trl samples batch_size x grad_accum completions per generation round, in whole groups
         if (self.batch_size * self.grad_accum) % self.num_generations:
             raise ValueError(f"batch_size: batch_size x grad_accum ({self.batch_size} x "
                              f"{self.grad_accum}) must be a multiple of num_generations "
                              f"({self.num_generations}): completions come in whole groups")
         return self
+
+
+class GrpoConfig(GroupRLConfig):
+    """trl's GRPO: each completion's advantage is its reward against its group's mean (and
+    standard deviation), with a PPO-style clipped ratio."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="trl's GRPO loss variant (how token losses are normalised)")
+
+
+class RlooConfig(GroupRLConfig):
+    """trl's RLOO (REINFORCE leave-one-out): each completion's advantage is its reward against
+    the mean reward of the other completions of its prompt."""
 
 
 class MergeConfig(Section):
@@ -463,7 +474,7 @@ class QuantizeCommon(Section):
     every backend shares. Each backend's table adds its own methods and fields below."""
 
     model: str | None = Field(None, description="default: the last trained model "
-                              "(ppo > grpo > dpo > merge > sft > pretrain)")
+                              "(ppo > rloo > grpo > dpo > merge > sft > pretrain)")
     calibration: str | None = Field(None, description="the [data.<name>] source whose rows "
                                     "calibrate GPTQ/AWQ/static INT8; default: the metric's")
     calibration_samples: int = Field(32, ge=1, description="calibration blocks of seq_len tokens")

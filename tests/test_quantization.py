@@ -123,3 +123,23 @@ def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm,
         expected = tokenizer.batch_decode(reference[:, ids["input_ids"].shape[1]:],
                                           skip_special_tokens=True)
         assert completions == expected and any(c.strip() for c in completions)
+
+
+def test_nncf_is_quieted_after_its_import_and_keeps_its_logger(monkeypatch):
+    """NNCF's bit-width tables are INFO on its own stdout handler: lowered to WARNING for a
+    normal run, after NNCF made its logger (a plain "nncf" logger made earlier lacks the
+    methods NNCF calls, such as warning_once)."""
+    import logging
+
+    from llmctl import env
+
+    monkeypatch.setattr(env, "_quiet", True)
+    env.quiet_nncf()
+    from nncf.common.logging.logger import NNCFLogger, nncf_logger, set_log_level
+
+    try:
+        assert isinstance(logging.getLogger("nncf"), NNCFLogger)
+        assert not nncf_logger.isEnabledFor(logging.INFO)
+        assert all(h.level == logging.WARNING for h in nncf_logger.handlers)
+    finally:
+        set_log_level(logging.INFO)

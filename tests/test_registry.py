@@ -49,7 +49,7 @@ def test_run_order_and_default_models_come_from_the_registry(tmp_path):
 
     assert [s.name for s in REGISTRY] == list(STAGES)
     # the latest trained model is what quantize, bench and generate read by default
-    assert model_stages() == ["ppo", "grpo", "dpo", "merge", "sft", "pretrain"]
+    assert model_stages() == ["ppo", "rloo", "grpo", "dpo", "merge", "sft", "pretrain"]
     assert "quantize" in stage_models() and "quantize" not in model_stages()
     path = tmp_path / "r.toml"
     path.write_text('[run]\nname = "t"\n[model]\nname_or_path = "m"\n[data.d]\npath = "d"\n'

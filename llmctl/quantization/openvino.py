@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmctl.env import quiet_nncf
 from llmctl.errors import UserError
 from llmctl.quantization.common import decline_openvino_telemetry
 
@@ -37,6 +38,7 @@ class OpenVino:
 
     def quantize(self, model, source_dir: str, settings: dict[str, Any], calibration):
         decline_openvino_telemetry()
+        quiet_nncf()
         if settings["method"] == "static":
             return _static(source_dir, settings, calibration)
         from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig

@@ -106,7 +106,7 @@ def reward_model_inputs(rewards: list) -> dict[int, str]:
             for n, i in enumerate(indices, start=1)}
 
 
-def _grpo_inputs(recipe: "Recipe", cfg: schema.GrpoConfig) -> dict[str, str]:
+def _group_rl_inputs(recipe: "Recipe", cfg: schema.GroupRLConfig) -> dict[str, str]:
     """The policy, and each model reward's model."""
     inputs = _policy_inputs(recipe, cfg)
     for i, name in reward_model_inputs(cfg.rewards).items():
@@ -150,15 +150,19 @@ def _check_ppo(recipe: "Recipe", cfg: schema.PpoConfig) -> None:
     check_row_format(cfg.reward_text, recipe.data_source("ppo", cfg.data), "ppo.reward_text")
 
 
-def _check_grpo(recipe: "Recipe", cfg: schema.GrpoConfig) -> None:
+def _rewards_check(stage: str) -> Callable[["Recipe", schema.GroupRLConfig], None]:
+    return lambda recipe, cfg: _check_rewards(recipe, cfg, stage)
+
+
+def _check_rewards(recipe: "Recipe", cfg: schema.GroupRLConfig, stage: str) -> None:
     import importlib.util
 
     from llmctl.data import check_row_format
     from llmctl.errors import UserError
 
-    source = recipe.data_source("grpo", cfg.data)
+    source = recipe.data_source(stage, cfg.data)
     for i, reward in enumerate(cfg.rewards):
-        key = f"grpo.rewards[{i}]"
+        key = f"{stage}.rewards[{i}]"
         if isinstance(reward, schema.ModelReward):
             check_row_format(reward.text, source, f"{key}.text")
         elif isinstance(reward, schema.FunctionReward):
@@ -188,6 +192,9 @@ def _check_bench(recipe: "Recipe", cfg: schema.BenchConfig) -> None:
         check_tasks(cfg.tasks, cfg.task_path, "bench.tasks")
 
 
+GROUP_RL_SUMMARY = ("reward_mean_first", "reward_mean_last", "eval_reward_gain",
+                    "eval_reward_gain_sem", "eval_task_accuracy_before", "eval_task_accuracy_after")
+
 REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("pretrain", "Train a causal LM from a config (or continue one) on streamed text.",
               schema.PretrainConfig, _pretrain_inputs, model_output=lambda cfg: "model",
@@ -211,11 +218,14 @@ REGISTRY: tuple[StageSpec, ...] = (
               summary=("eval_rewards_accuracy", "eval_task_accuracy_before",
                        "eval_task_accuracy_after")),
     StageSpec("grpo", "RL with verifiable rewards or reward models: trl's GRPO.",
-              schema.GrpoConfig, _grpo_inputs, model_output=_adapter_unless_full,
-              trains=True, reads_data=True, check=_check_grpo,
-              summary=("reward_mean_first", "reward_mean_last", "eval_reward_gain",
-                       "eval_reward_gain_sem", "eval_task_accuracy_before",
-                       "eval_task_accuracy_after")),
+              schema.GrpoConfig, _group_rl_inputs, model_output=_adapter_unless_full,
+              trains=True, reads_data=True, check=_rewards_check("grpo"),
+              summary=GROUP_RL_SUMMARY),
+    StageSpec("rloo", "RL with verifiable rewards or reward models: trl's RLOO "
+                      "(REINFORCE leave-one-out).",
+              schema.RlooConfig, _group_rl_inputs, model_output=_adapter_unless_full,
+              trains=True, reads_data=True, check=_rewards_check("rloo"),
+              summary=GROUP_RL_SUMMARY),
     StageSpec("ppo", "RLHF: optimise the policy against the reward model with PPO.",
               schema.PpoConfig, _ppo_inputs,
               model_output=lambda cfg: "model" if cfg.merge else "adapter",

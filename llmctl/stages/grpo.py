@@ -30,11 +30,18 @@ from llmctl.training import batch_metrics, save_trained, save_training_log, sche
 
 
 def run(ctx: StageContext) -> dict:
+    return run_group_rl(ctx, "grpo", GRPOTrainer, TrlGRPOConfig, loss_type=ctx.cfg.loss_type)
+
+
+def run_group_rl(ctx: StageContext, name: str, trainer_cls, args_cls, **trainer_args) -> dict:
+    """GRPO, or another trl trainer of the same shape (RLOO: llmctl.stages.rloo): prompts,
+    rewards, held-out scoring, training and outputs as described above; ``trainer_args`` are
+    the trainer's own settings."""
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- prompts ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")
-    source = recipe.data_source("grpo", cfg.data)
+    source = recipe.data_source(name, cfg.data)
     template = make_template(source, tokenizer)
     key = f"data.{cfg.data}"
     # The prompt's fields, and the labels a label_match reward compares answers with.
@@ -47,12 +54,12 @@ def run(ctx: StageContext) -> dict:
 
     # -- policy and rewards -----------------------------------------------------------------
     model = load_causal_lm(inputs["model"], recipe.model)
-    peft_config = lora_config(cfg.lora, model, "grpo.lora") if cfg.method == "lora" else None
+    peft_config = lora_config(cfg.lora, model, f"{name}.lora") if cfg.method == "lora" else None
     reward_models = {i: (load_classifier(inputs[name], recipe.model).eval(),
                          load_tokenizer(inputs[name], recipe.model))
                      for i, name in reward_model_inputs(cfg.rewards).items()}
-    funcs, weights = build_rewards(cfg.rewards, template.response_field, reward_models)
-    stage_header("grpo", f"{cfg.method} on {inputs['model']}: {len(train_rows):,} prompts, "
+    funcs, weights = build_rewards(cfg.rewards, template.response_field, reward_models, name)
+    stage_header(name, f"{cfg.method} on {inputs['model']}: {len(train_rows):,} prompts, "
                          f"{cfg.num_generations} completions each, rewards "
                          f"{', '.join(f'{f.__name__} x{w:g}' for f, w in zip(funcs, weights))}")
 
@@ -66,20 +73,20 @@ def run(ctx: StageContext) -> dict:
 
     stage = ctx.start()
     args = training_args(
-        cfg, stage, recipe, args_cls=TrlGRPOConfig,
+        cfg, stage, recipe, args_cls=args_cls,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         beta=cfg.beta,
-        loss_type=cfg.loss_type,
         epsilon=cfg.epsilon,
         reward_weights=weights,
         eval_strategy="no",  # held-out reward and task accuracy are scored around training
         remove_unused_columns=False,  # the reward functions read the rows' fields
+        **trainer_args,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds,
+    trainer = trainer_cls(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds,
                           processing_class=tokenizer, peft_config=peft_config)
-    show_progress(trainer, "grpo")
+    show_progress(trainer, name)
     trainable, total = count_params(trainer.model, trainable_only=True), count_params(trainer.model)
     console.print(f"  trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 

@@ -70,6 +70,19 @@ lr = 1e-3
 save_steps = 100
 rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
            {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
+
+[rloo]
+data = "prompts"
+model = "{policy}"
+max_steps = 2
+batch_size = 8
+num_generations = 4
+max_completion_length = 8
+eval_prompts = 8
+lr = 1e-3
+save_steps = 100
+rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
+           {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
 {extra}
 """)
     return path
@@ -216,12 +229,14 @@ def test_dpo_runs(reward_run, capsys):
     assert m["eval_rewards_accuracy"] > 0.6 and m["eval_rewards_accuracy_before"] < 0.5
 
 
-def test_grpo_with_a_reward_model_and_a_length_band(reward_run, capsys):
-    """GRPO on the tiny policy: the run's reward model (its own tokenizer, reading the prompt
-    row's input and the answer) and a verifiable length reward, weighted."""
-    code, _, err = run_cli(["grpo", reward_run], capsys)
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_grpo_with_a_reward_model_and_a_length_band(reward_run, capsys, stage):
+    """GRPO (and RLOO, the same workflow) on the tiny policy: the run's reward model (its own
+    tokenizer, reading the prompt row's input and the answer) and a verifiable length reward,
+    weighted."""
+    code, _, err = run_cli([stage, reward_run], capsys)
     assert code == 0, err
-    grpo_dir = reward_run.parent / "run" / "grpo"
+    grpo_dir = reward_run.parent / "run" / stage
     m = manifest(grpo_dir)
     assert m["inputs"] == {"model": m["inputs"]["model"], "reward_model": "$RUN/reward/model"}
     metrics = m["metrics"]
