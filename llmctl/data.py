@@ -22,7 +22,7 @@ import deeplake
 import torch
 
 from llmctl.errors import UserError
-from llmctl.paths import is_remote
+from llmctl.paths import demo_hint, is_remote
 from llmctl.recipe import read_text
 from llmctl.schema import DataSource
 
@@ -218,7 +218,7 @@ def open_dataset(path: str, key: str = "data.path"):
     """Open a Deep Lake dataset read-only: local directory, mem://, hub:// or al://."""
     if not is_remote(path) and not path.startswith("mem://"):
         if not Path(path).exists():
-            raise UserError(f"{key}: dataset {path} does not exist")
+            raise UserError(f"{key}: dataset {path} does not exist{demo_hint(path)}")
     try:
         return deeplake.open_read_only(path, token=_token()) if is_remote(path) \
             else deeplake.open_read_only(path)

@@ -34,7 +34,7 @@ from transformers import (
 from llmctl.errors import UserError
 from llmctl.fingerprint import model_fingerprint
 from llmctl.gguf import is_gguf, read_metadata
-from llmctl.paths import looks_local
+from llmctl.paths import demo_hint, looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
 from llmctl.rundir import BASE_FINGERPRINT
 from llmctl.schema import LoraConfig, ModelConfig
@@ -159,7 +159,7 @@ def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = 
     root = Path(path)
     if not root.exists():
         if looks_local(path):
-            raise UserError(f"{key}: {path} does not exist")
+            raise UserError(f"{key}: {path} does not exist{demo_hint(path)}")
         return
     if not root.is_dir():
         raise UserError(f"{key}: {path} is not a model directory")
@@ -192,7 +192,7 @@ def check_loadable(path: str, model_cfg: ModelConfig | None, key: str,
         return
     if is_quantized_dir(path) or not Path(path).is_dir():
         if looks_local(path) and not Path(path).exists():
-            raise UserError(f"{key}: {path} does not exist")
+            raise UserError(f"{key}: {path} does not exist{demo_hint(path)}")
         return
     if is_adapter_dir(path):
         for file in Path(path).glob("*.safetensors"):
@@ -240,7 +240,7 @@ def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
         path = adapter_base(path)
     if looks_local(path) and not Path(path).exists():
-        raise UserError(f"tokenizer {path}: does not exist")
+        raise UserError(f"tokenizer {path}: does not exist{demo_hint(path)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)

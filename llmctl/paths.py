@@ -26,3 +26,8 @@ def is_local(path: str) -> bool:
     if is_remote(path) or path.startswith("mem://"):
         return False
     return looks_local(path) or Path(path).exists()
+
+
+def demo_hint(path: str) -> str:
+    """For a missing path the demo makes (recipes/demo*.toml read runs/demo/...): how to make it."""
+    return "; `llmctl demo` builds runs/demo first" if "runs/demo/" in f"{path}/" else ""

@@ -13,7 +13,7 @@ from pathlib import Path
 from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import changed
-from llmctl.paths import is_local, looks_local
+from llmctl.paths import demo_hint, is_local, looks_local
 from llmctl.progress import console
 from llmctl.recipe import Recipe, describe_changes
 from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
@@ -82,7 +82,7 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                     path = getattr(source, field)
                     if path and is_local(path) and not Path(path).exists():
                         raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
-                                        f"does not exist")
+                                        f"does not exist{demo_hint(path)}")
         if STAGES[stage].check:  # the stage's own rules, before loading what it reads
             STAGES[stage].check(recipe, cfg)
         for name, path in recipe.upstream_inputs(stage).items():
@@ -106,7 +106,8 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
         for key in ("tokenizer", "task_path", "prompts_file"):
             path = getattr(cfg, key, None)
             if path and looks_local(path) and not Path(path).exists():
-                raise UserError(f"{recipe.source}: {stage}.{key}: {path} does not exist")
+                raise UserError(f"{recipe.source}: {stage}.{key}: {path} does not exist"
+                                f"{demo_hint(path)}")
         if getattr(cfg, "init", None) == "config":
             from llmctl.models import check_config_overrides
 

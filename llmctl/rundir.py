@@ -139,7 +139,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
-    created = not Path(run_dir).exists()
+    # The run directory and any parents this command makes (runs/ on a first run).
+    created = [d for d in (Path(run_dir), *Path(run_dir).parents) if not d.exists()]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     lock_path = Path(run_dir) / LOCK
     while True:
@@ -174,7 +175,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         # A command that failed before writing anything leaves no run directory behind.
         if created and [p.name for p in Path(run_dir).iterdir()] == [LOCK]:
             lock_path.unlink()
-            Path(run_dir).rmdir()
+            for made in created:  # innermost first; each is empty once the one inside is gone
+                made.rmdir()
         os.close(fd)  # releases the flock
 
 

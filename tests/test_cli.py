@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import manifest, run_cli
+from tests.conftest import REPO, manifest, run_cli
 
 
 def test_every_stage_command_exists(capsys):
@@ -230,3 +230,14 @@ def test_data_append_log_and_mem_warning(tmp_path, capsys):
     assert [c["message"] for c in json.loads(out)] == ["Dataset created", "ingest", "more"]
     code, _, err = run_cli(["data", "ingest", more, "--to", "mem://scratch"], capsys)
     assert code == 0 and "gone when it exits" in err
+
+
+@pytest.mark.parametrize("stage, recipe", [("pretrain", "demo.toml"), ("run", "demo-grpo.toml"),
+                                           ("dpo", "demo-dpo.toml")])
+def test_demo_recipes_before_the_demo_say_how_to_make_it(tmp_path, monkeypatch, capsys, stage,
+                                                         recipe):
+    """A newcomer's first try: a demo recipe before `llmctl demo` built runs/demo."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([stage, REPO / "recipes" / recipe], capsys)
+    assert code == 2 and "runs/demo/" in err and "`llmctl demo` builds runs/demo first" in err, err
+    assert not (tmp_path / "runs").exists()

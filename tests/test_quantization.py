@@ -123,6 +123,24 @@ def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm,
         expected = tokenizer.batch_decode(reference[:, ids["input_ids"].shape[1]:],
                                           skip_special_tokens=True)
         assert completions == expected and any(c.strip() for c in completions)
+    # sampling: the stage's seed decides the draw, and top_k = 1 is greedy
+    sample = GenerateConfig(max_new_tokens=10, do_sample=True, top_k=1)
+    torch.manual_seed(0)
+    assert generate(model, tokenizer, text, sample)[0] == generate(model, tokenizer, text,
+                                                                   GenerateConfig(max_new_tokens=10))[0]
+    wide = GenerateConfig(max_new_tokens=10, do_sample=True, top_k=0, temperature=5.0,
+                          num_return_sequences=4)
+    draws = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        draws.append(generate(model, tokenizer, text, wide)[0])
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    # a stop string ends the text where it first appears
+    stop = completions[0].split()[1] if len(completions[0].split()) > 1 else None
+    if stop:
+        cut = generate(model, tokenizer, text, GenerateConfig(max_new_tokens=10, stop=[stop]))[0]
+        assert all(stop not in c for c in cut)
+    assert model.request is None
 
 
 def test_nncf_is_quieted_after_its_import_and_keeps_its_logger(monkeypatch):
