@@ -1,6 +1,6 @@
-"""`llmctl reward`, `ppo`, `dpo` and `grpo` on tiny models: reward accuracy above chance, PPO
+"""`llmctl reward`, `ppo`, `dpo`, `grpo` and `rloo` on tiny models: reward accuracy above chance, PPO
 with a same-tokenizer and a different-tokenizer reward model (rewards equal the reward model's
-score of the decoded text), DPO, GRPO with a reward model and a verifiable reward, and the
+score of the decoded text), DPO, GRPO and RLOO with a reward model and a verifiable reward, and the
 errors."""
 
 import json
@@ -16,6 +16,19 @@ TINY_BERT = ("{ num_hidden_layers = 2, hidden_size = 64, num_attention_heads = 4
 
 def rlhf_recipe(tmp_path, assets, policy, extra=""):
     path = tmp_path / "rlhf.toml"
+    # grpo's and rloo's tables (the same fields): the run's reward model and a length band
+    group_rl = f"""data = "prompts"
+model = "{policy}"
+max_steps = 2
+batch_size = 8
+num_generations = 4
+max_completion_length = 8
+eval_prompts = 8
+lr = 1e-3
+save_steps = 100
+rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
+           {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
+"""
     head = recipe_head(
         tmp_path / "run", "rlhf",
         prefs={"path": assets["prefs_train"], "eval_path": assets["prefs_eval"], "limit": 200},
@@ -59,30 +72,9 @@ logging_steps = 2
 max_length = 96
 
 [grpo]
-data = "prompts"
-model = "{policy}"
-max_steps = 2
-batch_size = 8
-num_generations = 4
-max_completion_length = 8
-eval_prompts = 8
-lr = 1e-3
-save_steps = 100
-rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
-           {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
-
+{group_rl}
 [rloo]
-data = "prompts"
-model = "{policy}"
-max_steps = 2
-batch_size = 8
-num_generations = 4
-max_completion_length = 8
-eval_prompts = 8
-lr = 1e-3
-save_steps = 100
-rewards = [{{ kind = "model", text = "{{input}} {{response}}" }},
-           {{ kind = "length", min_tokens = 2, max_tokens = 6, weight = 0.5 }}]
+{group_rl}
 {extra}
 """)
     return path
