@@ -38,8 +38,8 @@ def _flag_type(self, ctx):
     return None if self.is_flag else _option_type(self, ctx)
 
 
-_option_type, typer.core.TyperOption.display_type_rich = (typer.core.TyperOption.display_type_rich,
-                                                          _flag_type)
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type
 
 
 def _version(show: bool) -> None:

@@ -2,8 +2,8 @@
 
 trl calls ``f(prompts=..., completions=..., completion_ids=..., **columns)`` with one entry per
 completion, ``columns`` being the dataset's other columns (here: the prompt row's fields), and
-reads one float per completion. A recipe lists rewards under ``[[grpo.rewards]]`` (or rloo's); they are
-weighted and summed by trl.
+reads one float per completion. A recipe lists rewards under ``[[grpo.rewards]]`` (or
+``[[rloo.rewards]]``); they are weighted and summed by trl.
 """
 
 from __future__ import annotations

@@ -101,16 +101,16 @@ def genai_pipeline(model):
     """openvino-genai's ``LLMPipeline`` over the directory an OpenVINO model was loaded from
     by :meth:`OpenVino.load`, made once per model; None for any other model (an export's own
     temporary directory holds the IR from before compression), or without openvino-genai."""
+    directory = vars(model).get("llmctl_dir")
+    if directory is None:
+        return None
     if "_llmctl_genai" not in vars(model):
-        directory = vars(model).get("llmctl_dir")
-        model._llmctl_genai = None
-        if directory is not None:
-            try:
-                import openvino_genai
-            except ImportError:
-                pass
-            else:
-                model._llmctl_genai = openvino_genai.LLMPipeline(str(directory), "CPU")
+        try:
+            import openvino_genai
+        except ImportError:
+            model._llmctl_genai = None
+        else:
+            model._llmctl_genai = openvino_genai.LLMPipeline(str(directory), "CPU")
     return model._llmctl_genai
 
 

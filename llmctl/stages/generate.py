@@ -4,9 +4,9 @@ Loads a model directory or hub id (a LoRA adapter directory is loaded on its bas
 prompt into the template's prompt text, generates, cuts at stop sequences and writes
 ``generations.jsonl``. Greedy, sampling (top-k, top-p, temperature), beam search (length
 penalty), repetition penalty, min/max new tokens and several return sequences are all
-``model.generate`` arguments taken from the ``[generate]`` table. An OpenVINO model saved with
-its tokenizer IR (`llmctl quantize`, backend "openvino") decodes in openvino-genai's C++ loop
-with the same settings.
+``model.generate`` arguments taken from the ``[generate]`` table. An OpenVINO model from
+`llmctl quantize` (backend "openvino") decodes in openvino-genai's C++ loop with the same
+settings (llmctl.quantization.openvino.genai_generate says which it takes).
 """
 
 from __future__ import annotations

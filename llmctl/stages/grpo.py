@@ -30,14 +30,14 @@ from llmctl.training import batch_metrics, save_trained, save_training_log, sche
 
 
 def run(ctx: StageContext) -> dict:
-    return run_group_rl(ctx, "grpo", GRPOTrainer, TrlGRPOConfig, loss_type=ctx.cfg.loss_type)
+    return run_group_rl(ctx, GRPOTrainer, TrlGRPOConfig, loss_type=ctx.cfg.loss_type)
 
 
-def run_group_rl(ctx: StageContext, name: str, trainer_cls, args_cls, **trainer_args) -> dict:
+def run_group_rl(ctx: StageContext, trainer_cls, args_cls, **trainer_args) -> dict:
     """GRPO, or another trl trainer of the same shape (RLOO: llmctl.stages.rloo): prompts,
     rewards, held-out scoring, training and outputs as described above; ``trainer_args`` are
     the trainer's own settings."""
-    recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
+    recipe, cfg, inputs, name = ctx.recipe, ctx.cfg, ctx.inputs, ctx.name
 
     # -- prompts ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(inputs["model"], recipe.model, padding_side="left")

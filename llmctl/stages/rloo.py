@@ -15,4 +15,4 @@ from llmctl.stages.grpo import run_group_rl
 
 
 def run(ctx: StageContext) -> dict:
-    return run_group_rl(ctx, "rloo", RLOOTrainer, RLOOConfig)
+    return run_group_rl(ctx, RLOOTrainer, RLOOConfig)
