@@ -31,8 +31,11 @@ constraints:
 demo: install
 	$(BIN)/llmctl demo
 
+# Two workers for CI's two cores; a worker takes whole files, so a file's fixtures are built
+# once, and conftest.py starts the longest files first. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit-test loop (under 90 s): unit tests that build no demo assets and start no process.
 # `make test` and CI run everything, the slow tier (end-to-end demo, kill/resume, multi-process,

@@ -229,6 +229,13 @@ def eval_cap(cfg: TrainConfig) -> int | None:
     return cfg.eval_max_batches * (cfg.eval_batch_size or cfg.batch_size) * distributed.world_size()
 
 
+def capped_eval(dataset, cfg: TrainConfig):
+    """The Trainer's eval dataset cut to what ``eval_max_batches`` allows (rows, not packed
+    blocks: a cap on evaluation cost)."""
+    cap = eval_cap(cfg)
+    return dataset.select(range(min(len(dataset), cap))) if cap else dataset
+
+
 def schedule_metrics(trainer: Trainer) -> dict[str, float]:
     """The learning-rate schedule as it ran: peak and last logged rate."""
     rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]

@@ -22,8 +22,8 @@ from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metric
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
-from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
-    schedule_metrics, show_progress, train, training_args
+from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
+    save_training_log, schedule_metrics, show_progress, train, training_args
 
 
 def run(ctx: StageContext) -> dict:
@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> dict:
                          max_length=cfg.max_length)
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, "preference", cache)
-        eval_ds = hf_dataset(source, "eval", key, "preference", cache)
+        eval_ds = capped_eval(hf_dataset(source, "eval", key, "preference", cache), cfg)
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config)
     show_progress(trainer, "dpo")
@@ -76,6 +76,7 @@ def run(ctx: StageContext) -> dict:
         "eval_rewards_accuracy_before": float(before["eval_rewards/accuracies"]),
         "eval_rewards_margin": float(after["eval_rewards/margins"]),
         "eval_loss": float(after["eval_loss"]),
+        "eval_pairs": len(eval_ds),
         "train_loss_first": first,
         "train_loss_last": last,
         "trainable_params": count_params(trainer.model, trainable_only=True),

@@ -20,8 +20,8 @@ from llmctl.models import build_classifier, count_params, human_count, load_clas
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
 from llmctl.trainers.reward import EncoderFriendlyRewardTrainer
-from llmctl.training import batch_metrics, loss_first_last, save_trained, save_training_log, \
-    schedule_metrics, show_progress, train, training_args
+from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
+    save_training_log, schedule_metrics, show_progress, train, training_args
 
 EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
 
@@ -55,8 +55,8 @@ def run(ctx: StageContext) -> dict:
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = tokenize_pairs(hf_dataset(source, "train", key, "preference", cache),
                                   tokenizer, cfg.max_length)
-        eval_ds = tokenize_pairs(hf_dataset(source, "eval", key, "preference", cache),
-                                 tokenizer, cfg.max_length)
+        eval_ds = tokenize_pairs(capped_eval(hf_dataset(source, "eval", key, "preference", cache),
+                                             cfg), tokenizer, cfg.max_length)
     args = training_args(cfg, stage, recipe,
                          args_cls=TrlRewardConfig, max_length=cfg.max_length,
                          disable_dropout=True)

@@ -22,7 +22,7 @@ from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.schema import SftConfig
 from llmctl.stages import StageContext
-from llmctl.training import ThroughputMeter, batch_metrics, eval_cap, loss_first_last, \
+from llmctl.training import ThroughputMeter, batch_metrics, capped_eval, loss_first_last, \
     save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
 
 
@@ -60,9 +60,7 @@ def run(ctx: StageContext) -> dict:
     layout = "prompt_completion" if completion_only else "text"
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, layout, cache)
-        eval_ds = hf_dataset(source, "eval", key, layout, cache)
-    if cfg.eval_max_batches:  # rows, not packed blocks: a cap on evaluation cost
-        eval_ds = eval_ds.select(range(min(len(eval_ds), eval_cap(cfg))))
+        eval_ds = capped_eval(hf_dataset(source, "eval", key, layout, cache), cfg)
     args = training_args(
         cfg, stage, recipe, args_cls=SFTConfig,
         max_length=cfg.seq_len,

@@ -70,6 +70,7 @@ batch_size = 4
 lr = 1e-3
 logging_steps = 2
 max_length = 96
+eval_max_batches = 10
 
 [grpo]
 {group_rl}
@@ -219,6 +220,7 @@ def test_dpo_runs(reward_run, capsys):
     m = manifest(reward_run.parent / "run" / "dpo")["metrics"]
     # the implicit reward ranks most held-out pairs right after a few steps (ties before)
     assert m["eval_rewards_accuracy"] > 0.6 and m["eval_rewards_accuracy_before"] < 0.5
+    assert m["eval_pairs"] == 10 * 4  # eval_max_batches x batch_size: the split has more
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
