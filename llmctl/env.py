@@ -33,6 +33,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def libraries_quieted() -> bool:
+    """Whether quiet_libraries ran (the CLI without --debug)."""
+    return _quiet
+
+
 def quiet_nncf() -> None:
     """NNCF prints bit-width tables at INFO through a stdout handler it sets up on import (and
     it needs its own logger class: creating the "nncf" logger before that import breaks it),

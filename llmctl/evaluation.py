@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 from statistics import stdev
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from llmctl.data import Template
+from llmctl.env import libraries_quieted
 from llmctl.errors import UserError
 
 MAX_LABELS = 20  # above this the response field is free text, not a label
@@ -221,7 +223,13 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
     from lm_eval.models.huggingface import HFLM
 
     task_manager = check_tasks(tasks, task_path)
+    if libraries_quieted():  # its note on every already-loaded model, which is how llmctl works
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if libraries_quieted():  # its bars are switched on per call (TQDM_DISABLE cannot reach them)
+        for request in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(wrapped, request, functools.partial(getattr(wrapped, request),
+                                                        disable_tqdm=True))
     with _without_lm_eval_provenance():
         results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot,
                                           limit=limit, batch_size=batch_size,
