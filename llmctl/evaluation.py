@@ -189,16 +189,22 @@ def perplexity(model, blocks: list[dict[str, torch.Tensor]], batch_size: int = 4
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager_for(task_path: str | None):
-    """lm-eval's task index (building it takes seconds: one per task directory per process)."""
+def task_manager_for(task_path: str | None, tasks: tuple[str, ...] = ()):
+    """lm-eval's task index. Indexing the harness's own tasks reads some 14,000 YAML files (15-30 s
+    per process), so when ``task_path`` holds every task asked for, only it is indexed."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=task_path) if task_path else TaskManager()
+    if task_path:
+        local = TaskManager(include_path=task_path, include_defaults=False)
+        if tasks and all(t in local.all_tasks for t in tasks):
+            return local
+        return TaskManager(include_path=task_path)
+    return TaskManager()
 
 
 def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks"):
     """The task manager, once every task name is known to it (exit 2 otherwise)."""
-    task_manager = task_manager_for(task_path)
+    task_manager = task_manager_for(task_path, tuple(tasks))
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         where = f" or in {task_path}" if task_path else " (set task_path for local YAML tasks)"

@@ -1,6 +1,7 @@
 """llmctl.evaluation: lm-evaluation-harness through llmctl's loader, quietly."""
 
 import lm_eval.evaluator
+import pytest
 
 
 def test_lm_eval_leaves_no_git_or_environment_chatter(tiny_lm, tmp_path, monkeypatch, capfd):
@@ -9,18 +10,42 @@ def test_lm_eval_leaves_no_git_or_environment_chatter(tiny_lm, tmp_path, monkeyp
     progress bars and its note on already-loaded models filled `quantize` and `bench`. None of
     it shows now (the CLI without --debug), and lm-eval's functions are back in place after."""
     from llmctl import env
-    from llmctl.evaluation import lm_eval_tasks, write_choice_task
+    from llmctl.evaluation import lm_eval_tasks
     from llmctl.models import load_causal_lm, load_tokenizer
 
     monkeypatch.chdir(tmp_path)  # not inside any repository
     monkeypatch.setattr(env, "_quiet", True)  # as quiet_libraries leaves it
-    rows = [{"text": "good news", "label": "yes"}, {"text": "bad news", "label": "no"}]
-    write_choice_task(tmp_path / "tasks", "tiny_choice", rows, "{{text}}", "label", ["yes", "no"])
+    task_path = tiny_choice_task(tmp_path / "tasks")
     before = lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info
     results = lm_eval_tasks(load_causal_lm(str(tiny_lm)), load_tokenizer(str(tiny_lm)),
-                            ["tiny_choice"], task_path=str(tmp_path / "tasks"), batch_size=2)
+                            ["tiny_choice"], task_path=task_path, batch_size=2)
     assert 0 <= results["tiny_choice"]["acc"] <= 1
     err = capfd.readouterr().err
     assert "fatal" not in err and "git" not in err, err
     assert "Running loglikelihood" not in err and "pretrained" not in err, err
     assert (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info) == before
+
+
+def tiny_choice_task(folder):
+    from llmctl.evaluation import write_choice_task
+
+    rows = [{"text": "good news", "label": "yes"}, {"text": "bad news", "label": "no"}]
+    write_choice_task(folder, "tiny_choice", rows, "{{text}}", "label", ["yes", "no"])
+    return str(folder)
+
+
+def test_local_tasks_are_indexed_without_the_harness_s_own(tmp_path):
+    """Indexing lm-eval's 14,000 task files took 15-30 s of every bench and task-metric
+    quantize, in preflight and again in the stage; a task_path that holds every task is enough."""
+    from llmctl.evaluation import check_tasks
+
+    manager = check_tasks(["tiny_choice"], tiny_choice_task(tmp_path / "tasks"))
+    assert "tiny_choice" in manager.all_tasks and "hellaswag" not in manager.all_tasks
+
+
+@pytest.mark.slow  # indexes the harness's own tasks
+def test_local_and_harness_tasks_together(tmp_path):
+    from llmctl.evaluation import check_tasks
+
+    manager = check_tasks(["tiny_choice", "hellaswag"], tiny_choice_task(tmp_path / "tasks"))
+    assert {"tiny_choice", "hellaswag"} <= set(manager.all_tasks)

@@ -8,25 +8,6 @@ import pytest
 from tests.conftest import corpus_source, manifest, recipe_head, run_cli, sentiment_source
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_task_index():
-    """One lm-eval TaskManager per include_path for this module: indexing the harness's
-    registry takes ~10 s on a small CPU, and llmctl builds one per model it benches."""
-    import lm_eval.tasks
-
-    real, cache = lm_eval.tasks.TaskManager, {}
-
-    def cached(*args, **kwargs):
-        key = json.dumps([args, kwargs], sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = real(*args, **kwargs)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_eval.tasks, "TaskManager", cached)
-        yield
-
-
 def bench_recipe(path, run_dir, assets, models, body: str = "") -> None:
     head = recipe_head(run_dir, "bench", assets["tokenizer"], sentiment=sentiment_source(assets))
     path.write_text(head + f"""
