@@ -21,9 +21,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' stray bars (GGUF conversion, lm-eval)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental
     # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
-    # neural-compressor (imported by peft) announces the accelerator it detected.
-    for name in ("torchao", "torch.utils._pytree", "neural_compressor"):
+    for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # neural-compressor (imported by peft) announces the accelerator it detected; its logger
+    # takes its level from LOGLEVEL when first used, overriding any level set before.
+    os.environ.setdefault("LOGLEVEL", "ERROR")
     # OpenVINO's PyTorch frontend logs "Failed to build model wrapper." as an error on every
     # Hugging Face export, then traces the model unwrapped, as intended: not an error for users.
     logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)

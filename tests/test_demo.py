@@ -23,6 +23,8 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     done = run_llmctl(["demo", "--run-dir", run_dir])
     assert done.returncode == 0, done.stderr
     out = done.stdout
+    # quiet: no library's warnings (neural-compressor announced its accelerator during ppo)
+    assert "WARNING" not in done.stderr + out, done.stderr
     pretrain = manifest(run_dir / "pretrain")["metrics"]
     assert pretrain["train_loss_last"] < pretrain["train_loss_first"] - 2.0
     assert pretrain["eval_perplexity"] < 1000  # 4,096-token vocabulary: uniform would be 4,096

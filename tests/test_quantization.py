@@ -3,6 +3,7 @@ trial ladder, and the refusals (tiny models, no demo assets: the fast tier). The
 to end through `llmctl quantize` are in tests/stages/test_quantize.py."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -161,3 +162,18 @@ def test_nncf_is_quieted_after_its_import_and_keeps_its_logger(monkeypatch):
         assert all(h.level == logging.WARNING for h in nncf_logger.handlers)
     finally:
         set_log_level(logging.INFO)
+
+
+def test_neural_compressor_does_not_announce_its_accelerator():
+    """neural-compressor (imported by peft during ppo) logged "Auto detect accelerator" as
+    WARNING on every run: its logger takes its level from LOGLEVEL, which the CLI now sets."""
+    import subprocess
+    import sys
+
+    code = ("from llmctl.env import quiet_libraries; quiet_libraries()\n"
+            "from neural_compressor.torch.utils.auto_accelerator import auto_detect_accelerator\n"
+            "auto_detect_accelerator()")
+    env = {k: v for k, v in os.environ.items() if k != "LOGLEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Auto detect accelerator" not in done.stderr, done.stderr
