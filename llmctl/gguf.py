@@ -6,8 +6,15 @@ special tokens wrong for some models (SmolLM2: eos and bos both become ``<|im_st
 bos is prepended, where the file says eos ``<|im_end|>`` and no bos). So llmctl takes eos,
 bos, pad, add-bos and the chat template from the file's own metadata (read with the ``gguf``
 package), saves weights as safetensors with the fixed tokenizer, and records the file's
-digest in ``gguf_source.json``. The cache is keyed by that digest: an edited file converts
-again, the same file never does.
+digest in ``gguf_source.json``. The cache is keyed by that digest and by CONVERSION: an
+edited file converts again, the same file never does (until llmctl's conversion changes).
+
+For a byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``, SmolLM2's) transformers
+also gives the decoder SentencePiece steps (byte fallback, fuse, "▁" -> " ") ahead of the
+byte-level one. They change nothing for such a vocabulary (it has no ``<0x..>`` or "▁"
+tokens), but openvino-tokenizers cannot convert that chain, so openvino-genai could not
+decode the quantized model; the converted tokenizer keeps the byte-level decoder (and a final
+strip of the prefix space, where there is one), as the model's own Hugging Face tokenizer has.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from llmctl.errors import UserError
 from llmctl.fingerprint import file_sha256
 
 SOURCE = "gguf_source.json"
+CONVERSION = 2  # bumped when a conversion's output changes: 2, no SentencePiece decoder steps
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -81,7 +89,7 @@ def converted(path: str | Path, key: str = "model") -> str:
     path = Path(path).resolve()
     meta = read_metadata(path, key)
     digest = file_sha256(path)
-    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}"
+    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}-c{CONVERSION}"
     if (target / SOURCE).is_file():
         return str(target)
     from llmctl.progress import console
@@ -118,6 +126,8 @@ def convert(path: Path, meta: dict[str, Any], out_dir: Path) -> None:
         raise UserError(f"{path}: transformers cannot convert this GGUF "
                         f"({' '.join(str(err).split())[:200]})") from None
     fix_tokenizer(tokenizer, special_tokens(meta))
+    if meta.get("tokenizer.ggml.model") == "gpt2" and tokenizer.is_fast:
+        byte_level_decoder(tokenizer)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -127,6 +137,21 @@ def convert(path: Path, meta: dict[str, Any], out_dir: Path) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+
+
+def byte_level_decoder(tokenizer) -> None:
+    """Drop the SentencePiece steps transformers puts in a byte-level BPE's decoder, when the
+    vocabulary makes them no-ops (no "▁" and no ``<0x..>`` tokens); a final Strip stays."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    steps = state.get("decoder") or {}
+    if steps.get("type") != "Sequence" or any(
+            "\u2581" in token or token.startswith("<0x") for token in tokenizer.get_vocab()):
+        return
+    kept = [d for d in steps["decoders"] if d["type"] not in ("ByteFallback", "Fuse", "Replace")]
+    state["decoder"] = kept[0] if len(kept) == 1 else {"type": "Sequence", "decoders": kept}
+    tokenizer.backend_tokenizer.decoder = Tokenizer.from_str(json.dumps(state)).decoder
 
 
 def fix_tokenizer(tokenizer, special: dict[str, Any]) -> None:

@@ -106,6 +106,23 @@ def test_conversion_takes_special_tokens_from_the_metadata(tiny_gguf):
     assert (out / "gguf_source.json").stat().st_mtime_ns == stamp
 
 
+def test_converted_tokenizer_converts_for_openvino_genai(tiny_gguf):
+    """transformers gave a byte-level BPE GGUF's decoder SentencePiece steps that
+    openvino-tokenizers cannot convert ("index '2' out of range"): openvino-genai could not
+    decode SmolLM2 after quantize. Without them the decoder gives the same text."""
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    from llmctl.gguf import converted
+
+    tokenizer = AutoTokenizer.from_pretrained(converted(tiny_gguf))
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str())["decoder"]
+    assert [d["type"] for d in decoder["decoders"]] == ["ByteLevel", "Strip"]  # prefix space
+    convert_tokenizer(tokenizer, with_detokenizer=True)
+    text = "hello world, and more text"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
 def test_generate_matches_transformers_own_gguf_load(tiny_gguf, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
