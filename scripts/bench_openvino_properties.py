@@ -1,0 +1,95 @@
+"""OpenVINO runtime properties for batch-1 decoding of a weight-compressed model, measured.
+
+Builds the course's OPT-1.3B shape from its config (random weights, no download), compresses
+its weights as `llmctl quantize` does (``--bits 4``: INT4 g128 symmetric, or 8), saves it as the
+quantize stage leaves it, and decodes ``--tokens`` forced new tokens greedily through
+openvino-genai's ``LLMPipeline`` opened with each property set below. Rounds interleave the
+sets (this machine drifts by +-20% within a minute); speed-ups are against the default
+properties in the same run. Usage:
+
+    python scripts/bench_openvino_properties.py [--bits 4] [--tokens 128] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+from llmctl.env import quiet_libraries
+
+quiet_libraries()  # before transformers is imported
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
+
+from llmctl import quantization  # noqa: E402
+from llmctl.latency import generate_seconds  # noqa: E402
+from llmctl.quantization.openvino import OpenVino  # noqa: E402
+
+OPT_1_3B = {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+            "num_attention_heads": 32, "word_embed_proj_dim": 2048}
+# name -> properties for LLMPipeline (the issue's levers; CPU plugin names).
+PROPERTIES = {
+    "default": {},
+    "latency hint": {"PERFORMANCE_HINT": "LATENCY"},
+    "kv cache u8": {"KV_CACHE_PRECISION": "u8"},
+    "dyn quant group 32": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
+    "dyn quant off": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
+    "2 threads": {"INFERENCE_NUM_THREADS": 2},
+    "latency + kv u8 + dq32": {"PERFORMANCE_HINT": "LATENCY", "KV_CACHE_PRECISION": "u8",
+                               "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    import openvino_genai
+
+    torch.manual_seed(0)
+    config = OPTConfig(**OPT_1_3B)
+    spec = ({"backend": "openvino", "method": "weight", "bits": 4, "group_size": 128,
+             "sym": True, "ratio": 1.0} if args.bits == 4 else
+            {"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1, "sym": False})
+    prompt = torch.randint(4, config.vocab_size, (1, 32))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        source, saved = Path(tmp) / "fp32", Path(tmp) / "ov"
+        OPTForCausalLM(config).eval().save_pretrained(source)
+        model = quantization.quantize(OPTForCausalLM.from_pretrained(source), str(source), spec,
+                                      quantization.Calibration([]))
+        model.save_pretrained(str(saved))
+        print(f"built INT{args.bits} in {time.perf_counter() - t0:.0f} s", flush=True)
+        model = OpenVino().load(saved, spec)
+        pipelines = {name: openvino_genai.LLMPipeline(str(saved), "CPU", **props)
+                     for name, props in PROPERTIES.items()}
+
+        def decode(name: str, tokens: int) -> float:
+            model._llmctl_genai = pipelines[name]  # what generate_seconds decodes with
+            return generate_seconds(model, prompt, tokens, 1, config.pad_token_id)
+
+        for name in pipelines:
+            decode(name, 8)  # warm-up
+        times = {name: [] for name in pipelines}
+        for r in range(args.rounds):
+            for name in pipelines:
+                seconds = decode(name, args.tokens)
+                times[name].append(seconds)
+                print(f"  round {r + 1} {name}: {seconds:.2f} s", flush=True)
+    base = statistics.median(times["default"])
+    print(f"\nINT{args.bits}, {args.tokens} forced tokens, greedy, batch 1, median of "
+          f"{args.rounds}:")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:28s} {median:6.2f} s  {args.tokens / median:5.1f} tok/s  "
+              f"{base / median:4.2f}x default  (min {min(values):.2f}, max {max(values):.2f})")
+
+
+if __name__ == "__main__":
+    main()
