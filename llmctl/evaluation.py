@@ -189,22 +189,20 @@ def perplexity(model, blocks: list[dict[str, torch.Tensor]], batch_size: int = 4
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager_for(task_path: str | None, tasks: tuple[str, ...] = ()):
-    """lm-eval's task index. Indexing the harness's own tasks reads some 14,000 YAML files (15-30 s
-    per process), so when ``task_path`` holds every task asked for, only it is indexed."""
+def task_manager_for(task_path: str | None, include_defaults: bool = True):
+    """lm-eval's task index, once per process: ``task_path``'s tasks, and the harness's own
+    unless ``include_defaults`` is off (indexing those reads some 14,000 YAML files, 15-30 s)."""
     from lm_eval.tasks import TaskManager
 
-    if task_path:
-        local = TaskManager(include_path=task_path, include_defaults=False)
-        if tasks and all(t in local.all_tasks for t in tasks):
-            return local
-        return TaskManager(include_path=task_path)
-    return TaskManager()
+    return TaskManager(include_path=task_path, include_defaults=include_defaults)
 
 
 def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks"):
-    """The task manager, once every task name is known to it (exit 2 otherwise)."""
-    task_manager = task_manager_for(task_path, tuple(tasks))
+    """The task manager, once every task name is known to it (exit 2 otherwise): ``task_path``'s
+    own index when it holds every task, else the harness's too."""
+    task_manager = task_manager_for(task_path, include_defaults=False) if task_path else None
+    if task_manager is None or not all(t in task_manager.all_tasks for t in tasks):
+        task_manager = task_manager_for(task_path)
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         where = f" or in {task_path}" if task_path else " (set task_path for local YAML tasks)"
@@ -229,10 +227,11 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], task_path: str | None = No
     from lm_eval.models.huggingface import HFLM
 
     task_manager = check_tasks(tasks, task_path)
-    if libraries_quieted():  # its note on every already-loaded model, which is how llmctl works
+    quiet = libraries_quieted()
+    if quiet:  # its note on every already-loaded model, which is how llmctl works
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    if libraries_quieted():  # its bars are switched on per call (TQDM_DISABLE cannot reach them)
+    if quiet:  # its bars are switched on per call (TQDM_DISABLE cannot reach them)
         for request in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             setattr(wrapped, request, functools.partial(getattr(wrapped, request),
                                                         disable_tqdm=True))

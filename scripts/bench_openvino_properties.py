@@ -1,13 +1,14 @@
 """OpenVINO runtime properties for batch-1 decoding of a weight-compressed model, measured.
 
-Builds the course's OPT-1.3B shape from its config (random weights, no download), compresses
+Builds the course's OPT-1.3B shape (``--shape``) from its config (random weights, no download), compresses
 its weights as `llmctl quantize` does (``--bits 4``: INT4 g128 symmetric, or 8), saves it as the
 quantize stage leaves it, and decodes ``--tokens`` forced new tokens greedily through
 openvino-genai's ``LLMPipeline`` opened with each property set below. Rounds interleave the
 sets (this machine drifts by +-20% within a minute); speed-ups are against the default
 properties in the same run. Usage:
 
-    python scripts/bench_openvino_properties.py [--bits 4] [--tokens 128] [--rounds 2]
+    python scripts/bench_openvino_properties.py [--shape opt-1.3b|opt-125m] [--bits 4]
+        [--tokens 128] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -20,17 +21,14 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from bench_generate import SHAPES, VARIANTS, reopened  # noqa: E402  (scripts/ is on sys.path)
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from llmctl import quantization  # noqa: E402
 from llmctl.latency import generate_seconds  # noqa: E402
-from llmctl.quantization.openvino import OpenVino  # noqa: E402
 
-OPT_1_3B = {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
-            "num_attention_heads": 32, "word_embed_proj_dim": 2048}
 # name -> properties for LLMPipeline (the issue's levers; CPU plugin names).
 PROPERTIES = {
     "default": {},
@@ -46,6 +44,7 @@ PROPERTIES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="opt-1.3b")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
@@ -53,20 +52,18 @@ def main() -> None:
     import openvino_genai
 
     torch.manual_seed(0)
-    config = OPTConfig(**OPT_1_3B)
-    spec = ({"backend": "openvino", "method": "weight", "bits": 4, "group_size": 128,
-             "sym": True, "ratio": 1.0} if args.bits == 4 else
-            {"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1, "sym": False})
+    config = OPTConfig(**SHAPES[args.shape])
+    spec = VARIANTS["openvino int4 g128" if args.bits == 4 else "openvino int8"][0]
     prompt = torch.randint(4, config.vocab_size, (1, 32))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        source, saved = Path(tmp) / "fp32", Path(tmp) / "ov"
-        OPTForCausalLM(config).eval().save_pretrained(source)
-        model = quantization.quantize(OPTForCausalLM.from_pretrained(source), str(source), spec,
-                                      quantization.Calibration([]))
-        model.save_pretrained(str(saved))
+        fp_model = OPTForCausalLM(config).eval()
+        fp_model.save_pretrained(tmp)
+        model = reopened(quantization.quantize(fp_model, tmp, spec, quantization.Calibration([])),
+                         spec)  # saved and loaded back as `llmctl quantize` leaves it
+        del fp_model
+        saved = model.llmctl_dir
         print(f"built INT{args.bits} in {time.perf_counter() - t0:.0f} s", flush=True)
-        model = OpenVino().load(saved, spec)
         pipelines = {name: openvino_genai.LLMPipeline(str(saved), "CPU", **props)
                      for name, props in PROPERTIES.items()}
 
@@ -83,7 +80,7 @@ def main() -> None:
                 times[name].append(seconds)
                 print(f"  round {r + 1} {name}: {seconds:.2f} s", flush=True)
     base = statistics.median(times["default"])
-    print(f"\nINT{args.bits}, {args.tokens} forced tokens, greedy, batch 1, median of "
+    print(f"\n{args.shape} INT{args.bits}, {args.tokens} forced tokens, greedy, batch 1, median of "
           f"{args.rounds}:")
     for name, values in times.items():
         median = statistics.median(values)
