@@ -237,6 +237,8 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but "
                              "loopback reaches the network: set LLMCTL_API_KEY."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together "
+                                  "at most (concurrent requests share a forward pass)."),
     debug: bool = DebugOpt,
 ):
     """Serve a model over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
@@ -244,7 +246,7 @@ def serve_command(
 
     loaded = _load(recipe, run_dir, set_)
     try:
-        serve(loaded, model, host, port)
+        serve(loaded, model, host, port, max_batch)
     except (KeyboardInterrupt, Terminated):  # the normal way to stop a server: in-flight
         print("serve: stopped", file=_stderr())  # requests have finished by now
 

@@ -3,23 +3,30 @@
 ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``
 (the model's chat template), with ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``,
 ``stop``, ``n``, ``seed`` and ``stream`` (server-sent events). One worker thread owns the model
-and takes requests from an unbounded queue in arrival order: concurrent requests wait, none is
-dropped. Bad requests are HTTP 400 with OpenAI's JSON error body. Listens on 127.0.0.1 unless
-told otherwise; with ``LLMCTL_API_KEY`` set in the environment every /v1 request needs
-``Authorization: Bearer <key>`` (compared in constant time; the key is never logged).
+and takes requests from an unbounded queue: none is dropped. Requests that are waiting decode
+together: an OpenVINO model through openvino-genai's continuous batching, any other through
+transformers' ``generate`` on a batch of the requests that decode alike. Bad requests are
+HTTP 400 with OpenAI's JSON error body. Listens on 127.0.0.1 unless told otherwise; with
+``LLMCTL_API_KEY`` set in the environment every /v1 request needs ``Authorization: Bearer
+<key>`` (compared in constant time; the key is never logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import functools
 import hmac
+import itertools
 import json
 import os
 import queue
+import random
 import socket
 import threading
 import time
+import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
@@ -29,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmctl.errors import UserError
 from llmctl.schema import GenerateConfig
+from llmctl.stages.generate import cut_at_stop, generated_length
 
 API_KEY_ENV = "LLMCTL_API_KEY"
 MAX_CHOICES = 16
@@ -99,20 +107,24 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
 
-# -- the model worker ------------------------------------------------------------------------
+# -- the engines -----------------------------------------------------------------------------
 
 
 @dataclass
 class Job:
-    """One prompt of a request: its n choices are decoded one after another."""
+    """One prompt of a request and its n choices."""
 
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # 1 x prompt length
     max_tokens: int
     sampling: Sampling
     stops: list[str]
     on_text: Optional[Callable[[int, str], None]] = None  # streaming: (choice, new text)
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
 
 
 @dataclass
@@ -123,15 +135,18 @@ class Choice:
 
 
 class Engine:
-    """The model, its tokenizer and the one thread that runs them."""
+    """The model's tokenizer, its context, the request queue and the one thread that decodes.
+    The queue is unbounded: a busy server queues requests, it never drops one. Subclasses
+    decode in ``_work`` and batch whatever is waiting (``batches``, ``largest_batch``: how)."""
 
-    def __init__(self, model, tokenizer, name: str):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        from llmctl.models import max_positions
+    kind = "?"
 
-        self.positions = max_positions(model)
-        self.jobs: queue.Queue[Job] = queue.Queue()  # unbounded: a busy server queues, never drops
+    def __init__(self, tokenizer, name: str, positions: int | None, max_batch: int):
+        self.tokenizer, self.name, self.positions = tokenizer, name, positions
+        self.max_batch = max_batch  # sequences decoded together at most
+        self.jobs: queue.Queue[Job] = queue.Queue()
         self.in_flight = 0  # requests being answered (event-loop side)
+        self.batches = self.largest_batch = 0
         threading.Thread(target=self._work, name="llmctl-serve-model", daemon=True).start()
 
     def encode(self, text: str, chat: bool) -> torch.Tensor:
@@ -158,56 +173,287 @@ class Engine:
             [{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
             add_generation_prompt=True)
 
+    def choice(self, ids: list[int], stops: list[str], stopped: bool) -> Choice:
+        """A finished sequence's choice: new token ids (through eos, if any) to text cut at the
+        first stop string. ``stopped``: the decoder ended it early (eos, a stop string)."""
+        eos = self.tokenizer.eos_token_id
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = cut_at_stop(full, stops)
+        hit_eos = bool(ids) and ids[-1] == eos
+        return Choice(text, "stop" if text != full or hit_eos or stopped else "length", len(ids))
+
+    def _counted(self, size: int) -> None:
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, size)
+
     def _work(self) -> None:
+        raise NotImplementedError
+
+
+class TransformersEngine(Engine):
+    """A transformers (or optimum-intel, or peft) model. Dynamic batching: requests that arrive
+    while a batch decodes wait, then those that decode alike (the same sampling settings and
+    stop strings, no seed) go together as one left-padded ``generate``, each row stopping at
+    its own length. A request with a seed decodes alone, so its seed alone decides its draw."""
+
+    kind = "transformers, dynamic batching"
+
+    def __init__(self, model, tokenizer, name: str, max_batch: int):
+        from llmctl.models import max_positions
+
+        self.model = model
+        super().__init__(tokenizer, name, max_positions(model), max_batch)
+
+    def _work(self) -> None:
+        waiting: collections.deque[Job] = collections.deque()
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():
-                job.done.cancel()
-                continue
+            if not waiting:
+                waiting.append(self.jobs.get())
+            while True:  # all that arrived during the last batch may join the next one
+                try:
+                    waiting.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            batch = self._take_batch(waiting)
             try:
-                job.done.set_result([self._choice(job, i) for i in range(job.sampling.n)])
-            except Exception as err:  # reported to the request that caused it
-                job.done.set_exception(err)
+                results = self._decode(batch)
+            except Exception as err:  # reported to the requests that were in the batch
+                for job in batch:
+                    job.done.set_exception(err)
+            else:
+                for job, result in zip(batch, results):
+                    if job.cancelled.is_set():
+                        job.done.cancel()
+                    else:
+                        job.done.set_result(result)
+
+    def _take_batch(self, waiting: collections.deque[Job]) -> list[Job]:
+        """The oldest waiting job and the later ones that can decode with it, in order."""
+        while waiting and waiting[0].cancelled.is_set():
+            waiting.popleft().done.cancel()
+        first = waiting.popleft()
+        batch, rows = [first], first.sampling.n
+        if first.sampling.seed is not None:
+            return batch
+
+        def alike(job: Job) -> bool:
+            a, b = first.sampling, job.sampling
+            return (job.sampling.seed is None and job.stops == first.stops and
+                    (a.temperature == b.temperature == 0 or
+                     (a.temperature, a.top_p) == (b.temperature, b.top_p)))
+
+        longest = lambda jobs, key: max(getattr(j, key) for j in jobs)  # noqa: E731
+        for job in list(waiting):
+            if rows + job.sampling.n > self.max_batch:
+                break
+            grown = [*batch, job]  # left padding: every row runs to the longest prompt + budget
+            fits = (self.positions is None or longest(grown, "prompt_tokens") +
+                    longest(grown, "max_tokens") <= self.positions)
+            if alike(job) and fits and not job.cancelled.is_set():
+                waiting.remove(job)
+                batch.append(job)
+                rows += job.sampling.n
+        return batch
 
     @torch.inference_mode()
-    def _choice(self, job: Job, index: int) -> Choice:
+    def _decode(self, batch: list[Job]) -> list[list[Choice]]:
         from transformers import GenerationConfig, StoppingCriteria
 
         from llmctl.evaluation import model_device
-        from llmctl.stages.generate import cut_at_stop, generated_length
 
-        s = job.sampling
+        rows = [(job, c) for job in batch for c in range(job.sampling.n)]
+        self._counted(len(rows))
+        s = batch[0].sampling
         if s.seed is not None:
-            torch.manual_seed(s.seed + index)  # one worker thread: the seed alone decides
+            torch.manual_seed(s.seed)  # one worker thread, a batch of its own: the seed decides
+        padded = self.tokenizer.pad({"input_ids": [job.input_ids[0].tolist() for job, _ in rows]},
+                                    return_tensors="pt")  # left: the tokenizer's padding side
+        device = model_device(self.model)
+        ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        width = ids.shape[1]
+        budgets = torch.tensor([job.max_tokens for job, _ in rows], device=device)
         sample = s.temperature > 0
         config = GenerationConfig(
-            max_new_tokens=job.max_tokens, do_sample=sample,
+            max_new_tokens=int(budgets.max()), do_sample=sample,
             temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
-            top_k=0 if sample else None, stop_strings=job.stops or None,
+            top_k=0 if sample else None, stop_strings=batch[0].stops or None,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
 
-        class Cancelled(StoppingCriteria):  # a streaming client that left stops the decode
+        class RowDone(StoppingCriteria):  # each row's own budget; a client that left
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), job.cancelled.is_set(), dtype=torch.bool)
+                gone = torch.tensor([job.cancelled.is_set() for job, _ in rows], device=device)
+                return (input_ids.shape[1] - width >= budgets) | gone
 
-        streamer = StopAwareStreamer(self.tokenizer, job.stops,
-                                     lambda text: job.on_text(index, text)) if job.on_text else None
-        ids = job.input_ids.to(model_device(self.model))
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  generation_config=config, tokenizer=self.tokenizer,
-                                  streamer=streamer, stopping_criteria=[Cancelled()])
-        new = out[0, ids.shape[1]:]
-        tokens = generated_length(new, self.tokenizer.eos_token_id)
-        full = self.tokenizer.decode(new[:tokens], skip_special_tokens=True)
-        text = cut_at_stop(full, job.stops)
-        hit_eos = tokens and int(new[tokens - 1]) == self.tokenizer.eos_token_id
-        return Choice(text, "stop" if text != full or hit_eos else "length", int(tokens))
+        streamers = [StopAwareStreamer(self.tokenizer, job.stops,
+                                       functools.partial(job.on_text, c)) if job.on_text else None
+                     for job, c in rows]
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config,
+            tokenizer=self.tokenizer, stopping_criteria=[RowDone()],
+            streamer=RowStreamer(streamers, budgets.tolist(), self.tokenizer.eos_token_id)
+            if any(streamers) else None)
+        choices: dict[int, list[Choice]] = collections.defaultdict(list)
+        for r, (job, _) in enumerate(rows):
+            new = out[r, width:width + job.max_tokens].tolist()
+            tokens = generated_length(new, self.tokenizer.eos_token_id)
+            choices[id(job)].append(self.choice(new[:tokens], job.stops, stopped=False))
+        return [choices[id(job)] for job in batch]
+
+
+class RowStreamer:
+    """transformers' streamer protocol for a batch: each step's tokens go to their row's
+    :class:`StopAwareStreamer`, up to the row's budget and eos (after that a row is padding)."""
+
+    def __init__(self, rows: list[Optional["StopAwareStreamer"]], budgets: list[int],
+                 eos: int | None):
+        self.rows, self.left, self.eos = rows, list(budgets), eos
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompts first
+            self.prompt_seen = True
+            return
+        for r, token in enumerate(value.flatten().tolist()):
+            if self.left[r] > 0:
+                self.left[r] = 0 if token == self.eos else self.left[r] - 1
+                if self.rows[r] is not None:
+                    self.rows[r].feed([token])
+
+    def end(self) -> None:
+        for row in self.rows:
+            if row is not None:
+                row.end()
+
+
+class GenaiEngine(Engine):
+    """An OpenVINO model directory with its tokenizer as OpenVINO IR: openvino-genai's
+    ``ContinuousBatchingPipeline`` decodes every running request together, one token each per
+    step, and a request that arrives joins at the next step (paged KV cache, C++ loop)."""
+
+    kind = "openvino-genai, continuous batching"
+
+    def __init__(self, directory: str, tokenizer, name: str, max_batch: int):
+        import openvino_genai
+        from transformers import AutoConfig
+
+        from llmctl.models import max_positions
+
+        scheduler = openvino_genai.SchedulerConfig()
+        scheduler.max_num_seqs = max_batch
+        self.pipeline = openvino_genai.ContinuousBatchingPipeline(directory, scheduler, "CPU")
+        positions = max_positions(types.SimpleNamespace(config=AutoConfig.from_pretrained(
+            directory)))
+        super().__init__(tokenizer, name, positions, max_batch)
+
+    def _config(self, job: Job):
+        s = job.sampling
+        config = self.pipeline.get_config()
+        config.max_new_tokens = job.max_tokens
+        if self.tokenizer.eos_token_id is not None:
+            config.set_eos_token_id(self.tokenizer.eos_token_id)
+        config.do_sample = s.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p, config.top_k = s.temperature, s.top_p, 0
+            config.num_return_sequences = s.n  # greedy choices are all alike: decoded once
+            # Without a seed each request draws anew (openvino-genai's default seed is fixed).
+            config.rng_seed = s.seed if s.seed is not None else random.getrandbits(32)
+        if job.stops:  # kept in the output and cut here, as for transformers (mid-token stops)
+            config.stop_strings = set(job.stops)
+            config.include_stop_str_in_output = True
+        return config
+
+    def _work(self) -> None:
+        import openvino
+        import openvino_genai
+
+        running: dict[int, GenaiDecode] = {}
+        ids = itertools.count()
+        while True:
+            arrived = [] if running else [self.jobs.get()]
+            while True:
+                try:
+                    arrived.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for job in arrived:
+                if job.cancelled.is_set():
+                    job.done.cancel()
+                    continue
+                try:
+                    handle = self.pipeline.add_request(
+                        next(ids), openvino.Tensor(job.input_ids.numpy()), self._config(job))
+                except Exception as err:  # noqa: BLE001 - reported to that request
+                    job.done.set_exception(err)
+                    continue
+                running[id(job)] = GenaiDecode(job, handle, self.tokenizer)
+            if not running:
+                continue
+            self._counted(sum(d.sequences for d in running.values()))
+            try:
+                self.pipeline.step()
+            except Exception as err:  # noqa: BLE001 - reported to the requests it ran
+                for decode in running.values():
+                    decode.job.done.set_exception(err)
+                running.clear()
+                continue
+            for key, decode in list(running.items()):
+                decode.read()
+                going = decode.handle.get_status() == openvino_genai.GenerationStatus.RUNNING
+                if going and decode.job.cancelled.is_set():  # its streaming client left
+                    decode.handle.cancel()
+                elif not going:
+                    del running[key]
+                    decode.finish(self)
+
+
+class GenaiDecode:
+    """One request in the continuous-batching pipeline: its sequences' tokens as they come."""
+
+    def __init__(self, job: Job, handle, tokenizer):
+        self.job, self.handle = job, handle
+        self.sequences = job.sampling.n if job.sampling.temperature > 0 else 1
+        self.ids: dict[int, list[int]] = collections.defaultdict(list)
+        self.stopped: dict[int, bool] = {}
+        self.streamers = {}
+        if job.on_text:
+            # greedy n > 1 is decoded once: its one sequence streams to every choice
+            fan_out = 1 if self.sequences > 1 else job.sampling.n
+            self.streamers = {seq: StopAwareStreamer(tokenizer, job.stops, functools.partial(
+                lambda seq, text: [job.on_text(c, text) for c in
+                                   ([seq] if fan_out == 1 else range(fan_out))], seq))
+                for seq in range(self.sequences)}
+
+    def read(self) -> None:
+        import openvino_genai
+
+        while self.handle.can_read():
+            for seq, output in self.handle.read().items():
+                self.ids[seq].extend(output.generated_ids)
+                if output.finish_reason != openvino_genai.GenerationFinishReason.NONE:
+                    self.stopped[seq] = (output.finish_reason ==
+                                         openvino_genai.GenerationFinishReason.STOP)
+                if seq in self.streamers:
+                    self.streamers[seq].feed(list(output.generated_ids))
+
+    def finish(self, engine: Engine) -> None:
+        self.read()
+        if self.job.cancelled.is_set():
+            self.job.done.cancel()
+            return
+        for streamer in self.streamers.values():
+            streamer.end()
+        choices = [engine.choice(self.ids[seq], self.job.stops, self.stopped.get(seq, False))
+                   for seq in sorted(self.ids)] or [engine.choice([], self.job.stops, False)]
+        if len(choices) < self.job.sampling.n:  # greedy: the one sequence is every choice
+            choices = choices[:1] * self.job.sampling.n
+        self.job.done.set_result(choices)
 
 
 class StopAwareStreamer:
-    """transformers' streamer protocol (put/end): passes on decoded text as it grows, holding
-    back a tail that could be the start of a stop string and nothing after a stop string, so
-    the streamed pieces add up to the non-streamed answer."""
+    """Streamed text for one sequence, as tokens come (``feed``; or transformers' streamer
+    protocol, ``put``/``end``): passes on decoded text as it grows, holding back a tail that
+    could be the start of a stop string and nothing after a stop string, so the streamed
+    pieces add up to the non-streamed answer."""
 
     def __init__(self, tokenizer, stops: list[str], emit: Callable[[str], None]):
         self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
@@ -221,7 +467,10 @@ class StopAwareStreamer:
         if not self.prompt_seen:  # generate() hands over the prompt first
             self.prompt_seen = True
             return
-        self.ids.extend(int(t) for t in value.flatten())
+        self.feed(int(t) for t in value.flatten())
+
+    def feed(self, ids) -> None:
+        self.ids.extend(ids)
         self._flush(final=False)
 
     def end(self) -> None:
@@ -291,7 +540,9 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "in_flight": engine.in_flight}
+        return {"status": "ok", "model": engine.name, "engine": engine.kind,
+                "in_flight": engine.in_flight, "batches": engine.batches,
+                "largest_batch": engine.largest_batch}
 
     @app.get("/v1/models")
     async def models():
@@ -441,20 +692,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(recipe, model: str | None, host: str, port: int) -> None:
+def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) -> None:
     import uvicorn
 
-    from llmctl.models import check_loadable, device, load_causal_lm, load_tokenizer
+    from llmctl.models import check_loadable, device, load_causal_lm, load_tokenizer, model_dir
+    from llmctl.quantization.openvino import has_genai_files
 
     path, name = resolve_model(recipe, model)
     check_loadable(path, recipe.model, "--model")
     sock = bind(host, port)
     api_key = os.environ.get(API_KEY_ENV) or None
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
-    engine = Engine(load_causal_lm(path, recipe.model).to(device()).eval(), tokenizer, name)
+    if has_genai_files(model_dir(path)):
+        engine: Engine = GenaiEngine(model_dir(path), tokenizer, name, max_batch)
+    else:
+        engine = TransformersEngine(load_causal_lm(path, recipe.model).to(device()).eval(),
+                                    tokenizer, name, max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"serving {name} ({path}) at http://{shown}:{bound_port}/v1"
+    print(f"serving {name} ({path}) at http://{shown}:{bound_port}/v1 ({engine.kind}, up to "
+          f"{max_batch} sequences at once)"
           f"{'' if api_key else ' (no API key: set ' + API_KEY_ENV + ' to require one)'}",
           flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

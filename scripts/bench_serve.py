@@ -1,13 +1,15 @@
 """`llmctl serve` under load: 1, 4 and 16 concurrent clients against the same requests sent one
 at a time, on an OPT-125m-shaped model (built from its config: the real one's compute, no
-download), through the official `openai` client.
+download), through the official `openai` client. Two servers: the fp32 model (transformers,
+dynamic batching) and its OpenVINO INT8-weights copy as `quantize` writes it (openvino-genai,
+continuous batching).
 
-For each level: requests completed (must be all), p50 / p95 latency, and aggregate generated
-tokens/s with its ratio to the one-at-a-time baseline measured in the same run. The levels
-interleave round by round, because this machine's speed drifts by +-20% within a minute.
-Usage:
+For each server and level: requests completed (must be all), p50 / p95 latency, and aggregate
+generated tokens/s with its ratio to that server's one-at-a-time rate measured in the same run.
+The levels interleave round by round, because this machine's speed drifts by +-20% within a
+minute. Usage:
 
-    python scripts/bench_serve.py [--requests 16] [--tokens 32] [--rounds 2]
+    python scripts/bench_serve.py [--requests 16] [--tokens 32] [--rounds 2] [--models fp32,openvino]
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).parents[1]
 PROMPTS = ["The quarterly report shows that revenue", "Shares of the bank rose after",
@@ -42,6 +46,16 @@ def build_model(folder: Path) -> None:
     config = OPTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     save_model(OPTForCausalLM(config).eval(), tokenizer, folder)
+
+
+def openvino_copy(model: Path, out: Path) -> None:
+    from llmctl import quantization
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    chosen = {"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
+              "sym": False}
+    qmodel = quantization.quantize(load_causal_lm(str(model)), str(model), chosen)
+    quantization.save(qmodel, chosen, out, load_tokenizer(str(model)))
 
 
 def start_server(model: Path, recipe: Path) -> tuple[subprocess.Popen, str]:
@@ -78,44 +92,60 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", default="fp32,openvino",
+                        help="comma-separated: fp32 (transformers), openvino (openvino-genai)")
     args = parser.parse_args()
     import openai
 
+    names = args.models.split(",")
+    levels = (1, 4, 16)
+    runs = {(name, c): [] for name in names for c in levels}
+    engines = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model, recipe = Path(tmp) / "model", Path(tmp) / "serve.toml"
-        model.mkdir()
-        build_model(model)
+        recipe = Path(tmp) / "serve.toml"
         recipe.write_text('[run]\nname = "bench-serve"\n')
-        proc, url = start_server(model, recipe)
+        models = {"fp32": Path(tmp) / "model", "openvino": Path(tmp) / "openvino" / "model"}
+        models["fp32"].mkdir()
+        build_model(models["fp32"])
+        if "openvino" in names:
+            openvino_copy(models["fp32"], models["openvino"])
+        servers = {name: start_server(models[name], recipe) for name in names}
         try:
-            client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
-            load(client, 1, 2, 4)  # warm-up
-            levels = (1, 4, 16)
-            runs = {c: [] for c in levels}
-            for r in range(args.rounds):
-                for c in levels:
-                    runs[c].append(load(client, c, args.requests, args.tokens))
-                    print(f"  round {r + 1}, {c} client(s): {runs[c][-1]['wall']:.1f} s",
-                          flush=True)
+            clients = {name: openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
+                       for name, (_, url) in servers.items()}
+            for name, client in clients.items():
+                load(client, 1, 2, 4)  # warm-up
+                engines[name] = httpx.get(servers[name][1].removesuffix("/v1") + "/health"
+                                          ).json()["engine"]
+            for r in range(args.rounds):  # one server decodes at a time; rounds interleave
+                for name, client in clients.items():
+                    for c in levels:
+                        runs[name, c].append(load(client, c, args.requests, args.tokens))
+                        print(f"  round {r + 1}, {name}, {c} client(s): "
+                              f"{runs[name, c][-1]['wall']:.1f} s", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
 
     def tps(run):
         return run["tokens"] / run["wall"]
 
-    base = statistics.median(tps(run) for run in runs[1])
-    print(f"\n{args.requests} requests of {args.tokens} tokens, OPT-125m shape, "
+    base_fp32 = statistics.median(tps(run) for run in runs[names[0], 1])
+    print(f"\n{args.requests} greedy requests of {args.tokens} tokens, OPT-125m shape, "
           f"{args.rounds} rounds (medians)")
-    print("| clients | completed | p50 s | p95 s | tokens/s | vs one at a time |")
-    print("|---|---|---|---|---|---|")
-    for c in levels:
-        done = min(run["completed"] for run in runs[c])
-        p50 = statistics.median(run["p50"] for run in runs[c])
-        p95 = statistics.median(run["p95"] for run in runs[c])
-        rate = statistics.median(tps(run) for run in runs[c])
-        print(f"| {c} | {done}/{args.requests} | {p50:.2f} | {p95:.2f} | {rate:.1f} | "
-              f"{rate / base:.2f}x |")
+    print(f"| model (engine) | clients | completed | p50 s | p95 s | tokens/s | vs one at a time "
+          f"| vs {names[0]} one at a time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        base = statistics.median(tps(run) for run in runs[name, 1])
+        for c in levels:
+            done = min(run["completed"] for run in runs[name, c])
+            p50 = statistics.median(run["p50"] for run in runs[name, c])
+            p95 = statistics.median(run["p95"] for run in runs[name, c])
+            rate = statistics.median(tps(run) for run in runs[name, c])
+            print(f"| {name} ({engines[name]}) | {c} | {done}/{args.requests} | {p50:.2f} | "
+                  f"{p95:.2f} | {rate:.1f} | {rate / base:.2f}x | {rate / base_fp32:.2f}x |")
 
 
 if __name__ == "__main__":

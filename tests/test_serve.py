@@ -33,6 +33,22 @@ def chat_model(tiny_lm, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def chat_model_openvino(chat_model, tmp_path_factory):
+    """The chat model as `quantize` writes an OpenVINO INT8-weights model: with its tokenizer
+    as OpenVINO IR, so `serve` decodes it in openvino-genai's continuous-batching pipeline."""
+    pytest.importorskip("openvino_genai")
+    from llmctl import quantization
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    chosen = {"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
+              "sym": False}
+    folder = tmp_path_factory.mktemp("serve-ov") / "chatty"
+    qmodel = quantization.quantize(load_causal_lm(str(chat_model)), str(chat_model), chosen)
+    quantization.save(qmodel, chosen, folder, load_tokenizer(str(chat_model)))
+    return folder
+
+
 def start(model, tmp_path, api_key=None):
     recipe = tmp_path / "serve.toml"
     recipe.write_text('[run]\nname = "serve"\n')
@@ -42,11 +58,11 @@ def start(model, tmp_path, api_key=None):
     proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(recipe), "--model",
                              str(model), "--port", "0"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    line = proc.stdout.readline()  # "serving NAME (PATH) at http://127.0.0.1:PORT/v1 ..."
+    line = proc.stdout.readline()  # "serving NAME (PATH) at http://127.0.0.1:PORT/v1 (ENGINE..."
     assert line.startswith("serving chatty"), (line, proc.stderr.read() if proc.poll() else "")
     url = line.split(" at ")[1].split()[0]
     assert url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
-    return proc, url
+    return proc, url, line
 
 
 def stop(proc):
@@ -55,9 +71,22 @@ def stop(proc):
     return proc.wait(timeout=60)
 
 
+ENGINES = {"transformers": "transformers, dynamic batching",
+           "openvino": "openvino-genai, continuous batching"}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def served(request, tmp_path_factory):
+    """The model a server answers from: the fp chat model (transformers) or its OpenVINO copy."""
+    return request.param, request.getfixturevalue(
+        "chat_model" if request.param == "transformers" else "chat_model_openvino")
+
+
 @pytest.fixture(scope="module")
-def server(chat_model, tmp_path_factory):
-    proc, url = start(chat_model, tmp_path_factory.mktemp("server"))
+def server(served, tmp_path_factory):
+    engine, model = served
+    proc, url, line = start(model, tmp_path_factory.mktemp("server"))
+    assert f"({ENGINES[engine]}, up to 16 sequences at once)" in line
     yield url
     assert stop(proc) == 0
 
@@ -70,13 +99,14 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(chat_model):
-    """What `llmctl generate` answers, in this process: the server must say the same."""
+def reference(served):
+    """What `llmctl generate` answers, in this process: the server must say the same (for the
+    OpenVINO model, generate decodes in openvino-genai's LLMPipeline, one request alone)."""
     from llmctl.models import load_causal_lm, load_tokenizer
     from llmctl.stages.generate import generate
 
-    model = load_causal_lm(str(chat_model)).eval()
-    tokenizer = load_tokenizer(str(chat_model), padding_side="left")
+    model = load_causal_lm(str(served[1])).eval()
+    tokenizer = load_tokenizer(str(served[1]), padding_side="left")
 
     def greedy(text: str, max_tokens: int, chat: bool = False) -> str:
         if chat:
@@ -154,29 +184,46 @@ def test_bad_requests_are_400_with_a_json_error(client, server):
     assert capped.usage.prompt_tokens + capped.usage.completion_tokens <= 64
 
 
-def test_concurrent_requests_are_all_answered(client, reference):
-    expected = reference("The quick brown fox", 10)
+def test_concurrent_requests_are_batched_and_all_answered(client, server, reference):
+    """Requests that arrive together decode together (different prompts and lengths, some
+    streamed), and each answer is what it is alone."""
+    asks = [("The quick brown fox", 10), ("Profit", 4), ("The function returns the", 7)]
+    expected = {ask: reference(*ask) for ask in asks}
     answers, errors = [], []
 
-    def ask():
+    def ask(i: int):
+        prompt, tokens = asks[i % len(asks)]
         try:
-            answers.append(client.completions.create(model="chatty", prompt="The quick brown fox",
-                                                     max_tokens=10, temperature=0).choices[0].text)
+            if i % 4 == 3:
+                chunks = client.completions.create(model="chatty", prompt=prompt, stream=True,
+                                                   max_tokens=tokens, temperature=0)
+                text = "".join(c.choices[0].text for c in chunks)
+            else:
+                done = client.completions.create(model="chatty", prompt=prompt,
+                                                 max_tokens=tokens, temperature=0)
+                assert done.usage.completion_tokens <= tokens  # each row its own length
+                text = done.choices[0].text
+            answers.append(((prompt, tokens), text))
         except Exception as err:  # noqa: BLE001 - collected and reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=ask) for _ in range(12)]
+    health = server.removesuffix("/v1") + "/health"
+    before = httpx.get(health).json()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and answers == [expected] * 12
+    assert not errors and len(answers) == 12
+    assert all(text == expected[key] for key, text in answers), answers
+    after = httpx.get(health).json()
+    assert after["batches"] > before["batches"] and after["largest_batch"] > 1
 
 
 def test_api_key_and_graceful_sigterm(chat_model, tmp_path):
     import openai
 
-    proc, url = start(chat_model, tmp_path, api_key="s3cret-key")
+    proc, url, _ = start(chat_model, tmp_path, api_key="s3cret-key")
     try:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()

@@ -97,6 +97,20 @@ def save_genai_tokenizer(tokenizer, out_dir: Path) -> bool:
     return True
 
 
+def has_genai_files(path: str | Path) -> bool:
+    """Whether openvino-genai can open this directory as it is: an OpenVINO model saved by
+    llmctl with its tokenizer and detokenizer as IR, and openvino-genai installed."""
+    path = Path(path)
+    if not all((path / name).is_file() for name in ("openvino_model.xml", GENAI_TOKENIZER,
+                                                       GENAI_DETOKENIZER)):
+        return False
+    try:
+        import openvino_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def genai_pipeline(model):
     """openvino-genai's ``LLMPipeline`` over the directory an OpenVINO model was loaded from
     by :meth:`OpenVino.load`, made once per model; None for any other model (an export's own
