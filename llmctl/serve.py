@@ -40,6 +40,9 @@ from llmctl.stages.generate import cut_at_stop, generated_length
 
 API_KEY_ENV = "LLMCTL_API_KEY"
 MAX_CHOICES = 16
+# After a batch of several requests, how long dynamic batching waits for their clients' next
+# requests before it decodes what is waiting (a batch takes seconds; this, milliseconds).
+GATHER_SECONDS = 0.02
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -206,9 +209,12 @@ class TransformersEngine(Engine):
 
     def _work(self) -> None:
         waiting: collections.deque[Job] = collections.deque()
+        answered = 0  # jobs the last batch answered
         while True:
             if not waiting:
                 waiting.append(self.jobs.get())
+            if answered > 1:  # under load: the clients just answered are about to ask again
+                time.sleep(GATHER_SECONDS)
             while True:  # all that arrived during the last batch may join the next one
                 try:
                     waiting.append(self.jobs.get_nowait())
@@ -221,6 +227,7 @@ class TransformersEngine(Engine):
                 for job in batch:
                     job.done.set_exception(err)
             else:
+                answered = len(batch)
                 for job, result in zip(batch, results):
                     if job.cancelled.is_set():
                         job.done.cancel()

@@ -9,7 +9,7 @@ generated tokens/s with its ratio to that server's one-at-a-time rate measured i
 The levels interleave round by round, because this machine's speed drifts by +-20% within a
 minute. Usage:
 
-    python scripts/bench_serve.py [--requests 16] [--tokens 32] [--rounds 2] [--models fp32,openvino]
+    python scripts/bench_serve.py [--requests 16] [--tokens 32] [--rounds 2] [--models fp32]
 """
 
 from __future__ import annotations
