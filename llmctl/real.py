@@ -10,7 +10,8 @@ never installed) and unpacked into ``.llmctl-cache/``:
 
 :func:`prepare_tweets` turns the tweets into Deep Lake datasets: a stratified, balanced
 train / held-out split with a fixed seed, preference pairs (the right label over a wrong one)
-for reward and DPO, and prompts for PPO. ``python -m llmctl.real`` does both.
+for reward and DPO, and prompts for PPO. ``python -m llmctl.real`` does both;
+``python -m llmctl.real --run RECIPE`` then runs the recipe (``make real``).
 """
 
 from __future__ import annotations
@@ -183,18 +184,41 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
     return out
 
 
-def main() -> None:
+# The recipe trains in bf16, the course's setting for a Xeon's AMX. A CPU without native bf16
+# (AVX512-BF16 or AMX) emulates it: a bf16 matmul ran ~125x slower than fp32 on an AVX2 EPYC.
+TRAINING_STAGES = ("sft", "ppo", "dpo")
+
+
+def precision_overrides() -> list[str]:
+    """``--set`` arguments that train in fp32 on a CPU without native bf16 (none elsewhere)."""
+    import torch
+
+    from llmctl.models import cpu_has_native_bf16
+
+    if torch.cuda.is_available() or cpu_has_native_bf16():
+        return []
+    return [arg for stage in TRAINING_STAGES for arg in ("--set", f'{stage}.precision="fp32"')]
+
+
+def main(argv: list[str]) -> int:
     from llmctl.progress import console
 
     for name in ARTIFACTS:
         console.print(f"  {name}: {fetch(name)}")
     for name, path in prepare_tweets().items():
         console.print(f"  {name}: {path}")
+    if argv[:1] != ["--run"] or len(argv) != 2:
+        return 0
+    overrides = precision_overrides()
+    if overrides:
+        console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): sft, ppo and dpo "
+                      "train in fp32")
+    return subprocess.run([sys.executable, "-m", "llmctl", "run", argv[1], *overrides]).returncode
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main(sys.argv[1:]))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

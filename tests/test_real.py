@@ -72,21 +72,17 @@ SMALL = {  # every stage of the real recipe, a few steps or rows each
     "bench.latency.new_tokens": 4, "bench.latency.runs": 1,
 }
 
-FP32 = {f"{stage}.precision": '"fp32"' for stage in ("sft", "ppo", "dpo")}
-
-
 def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     """Every stage of the real recipe (chat SFT with the course's LoRA, merge, MiniLM reward,
     PPO with the reward re-tokenized, chat DPO, OpenVINO static INT8, bench, generate), a few
     steps each."""
     run_dir = tmp_path / "run"
     small = ["--run-dir", str(run_dir)]
-    from llmctl.models import cpu_has_native_bf16
+    from llmctl.real import precision_overrides
 
-    # The recipe trains in bf16 for the Xeon's AMX; a CPU without it emulates bf16 ~40x slower.
-    sizes = SMALL if cpu_has_native_bf16() else {**SMALL, **FP32}
-    for key, value in sizes.items():
+    for key, value in SMALL.items():
         small += ["--set", f"{key}={value}"]
+    small += precision_overrides()  # as `make real` does: fp32 where bf16 would be emulated
     code, out, err = run_cli(["run", RECIPE, "--dry-run", *small], capsys)
     assert code == 0, err
     code, _, err = run_cli(["run", RECIPE, *small], capsys)

@@ -226,3 +226,22 @@ def test_course_lora_trainable_count():
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     assert (trainable, total) == (3_145_728, 1_318_903_808)
     assert round(100 * trainable / total, 4) == 0.2385
+
+
+def test_make_real_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
+    """`make real` (llmctl.real --run) keeps the recipe's bf16 on a CPU that has it and sets
+    the training stages to fp32 on one that would emulate it ~100x slower."""
+    from pathlib import Path
+
+    import llmctl.models
+    from llmctl.real import precision_overrides
+
+    recipe_path = Path(__file__).parents[1] / "recipes" / "smollm2-135m-tweets-cpu.toml"
+    monkeypatch.setattr(llmctl.models, "cpu_has_native_bf16", lambda: True)
+    assert precision_overrides() == []
+    monkeypatch.setattr(llmctl.models, "cpu_has_native_bf16", lambda: False)
+    overrides = precision_overrides()
+    sets = [arg for flag, arg in zip(overrides[::2], overrides[1::2]) if flag == "--set"]
+    recipe = load_recipe(recipe_path, sets)
+    assert recipe.sft.precision == recipe.ppo.precision == recipe.dpo.precision == "fp32"
+    assert load_recipe(recipe_path).sft.precision == "bf16"
