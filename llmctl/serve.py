@@ -221,6 +221,8 @@ class TransformersEngine(Engine):
                 except queue.Empty:
                     break
             batch = self._take_batch(waiting)
+            if not batch:  # every waiting request was cancelled (its client left)
+                continue
             try:
                 results = self._decode(batch)
             except Exception as err:  # reported to the requests that were in the batch
@@ -238,6 +240,8 @@ class TransformersEngine(Engine):
         """The oldest waiting job and the later ones that can decode with it, in order."""
         while waiting and waiting[0].cancelled.is_set():
             waiting.popleft().done.cancel()
+        if not waiting:
+            return []
         first = waiting.popleft()
         batch, rows = [first], first.sampling.n
         if first.sampling.seed is not None:
@@ -404,13 +408,18 @@ class GenaiEngine(Engine):
                 running.clear()
                 continue
             for key, decode in list(running.items()):
-                decode.read()
-                going = decode.handle.get_status() == openvino_genai.GenerationStatus.RUNNING
-                if going and decode.job.cancelled.is_set():  # its streaming client left
+                try:
+                    decode.read()
+                    going = decode.handle.get_status() == openvino_genai.GenerationStatus.RUNNING
+                    if going and decode.job.cancelled.is_set():  # its streaming client left
+                        decode.handle.cancel()
+                    elif not going:
+                        del running[key]
+                        decode.finish(self)
+                except Exception as err:  # noqa: BLE001 - that request fails, the others go on
+                    running.pop(key, None)
                     decode.handle.cancel()
-                elif not going:
-                    del running[key]
-                    decode.finish(self)
+                    decode.job.done.set_exception(err)
 
 
 class GenaiDecode:

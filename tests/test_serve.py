@@ -164,6 +164,18 @@ def test_stop_n_and_seed(client, reference):
     assert len(first) == 4 and first == sample(7) and first != sample(8)
 
 
+def test_clients_that_leave_mid_stream_do_not_stall_the_server(client, server, reference):
+    expected = reference("The function returns", 8)
+    for _ in range(3):  # each reads one event and hangs up: its decode is dropped
+        with httpx.stream("POST", f"{server}/completions", json={
+                "model": "chatty", "prompt": "The", "max_tokens": 50, "temperature": 0,
+                "stream": True}) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+    done = client.completions.create(model="chatty", prompt="The function returns",
+                                     max_tokens=8, temperature=0)
+    assert done.choices[0].text == expected
+
+
 def test_bad_requests_are_400_with_a_json_error(client, server):
     import openai
 
