@@ -433,11 +433,15 @@ class GenaiDecode:
         self.streamers = {}
         if job.on_text:
             # greedy n > 1 is decoded once: its one sequence streams to every choice
-            fan_out = 1 if self.sequences > 1 else job.sampling.n
-            self.streamers = {seq: StopAwareStreamer(tokenizer, job.stops, functools.partial(
-                lambda seq, text: [job.on_text(c, text) for c in
-                                   ([seq] if fan_out == 1 else range(fan_out))], seq))
-                for seq in range(self.sequences)}
+            choices = [[seq] for seq in range(self.sequences)] if self.sequences > 1 else \
+                [list(range(job.sampling.n))]
+            self.streamers = {seq: StopAwareStreamer(tokenizer, job.stops,
+                                                     functools.partial(self._emit, to))
+                              for seq, to in enumerate(choices)}
+
+    def _emit(self, choices: list[int], text: str) -> None:
+        for choice in choices:
+            self.job.on_text(choice, text)
 
     def read(self) -> None:
         import openvino_genai
