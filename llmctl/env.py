@@ -31,6 +31,7 @@ def quiet_libraries() -> None:
     logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
     # torch.jit's TracerWarning, on every OpenVINO export of a Hugging Face decoder.
     warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
+    warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 

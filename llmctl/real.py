@@ -217,6 +217,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from llmctl.env import quiet_libraries
+
+    quiet_libraries()  # as the CLI does: no optional-kernel notices from the imports above
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as err:
