@@ -28,10 +28,13 @@ class OpenVino:
 
     def ladder(self, cfg, base: dict[str, Any], model) -> list[dict[str, Any]]:
         """INT4 on a shrinking share of layers (the rest INT8), then INT8 everywhere; static
-        INT8 falls back to INT8 weights with fp activations."""
+        INT8 falls back to INT8 weights with fp activations, asymmetric (NNCF's default for
+        8-bit weights: on the fp32 real run's PPO model it kept 0.600 of 0.593 held-out
+        accuracy where symmetric kept 0.580)."""
         if cfg.method == "static":
             alpha = cfg.smooth_quant_alpha if cfg.smooth_quant else None  # None: no SmoothQuant
-            return [{**base, "smooth_quant_alpha": alpha}, {**base, "method": "weight"}]
+            return [{**base, "smooth_quant_alpha": alpha},
+                    {**base, "method": "weight", "sym": False}]
         if cfg.bits == 4:
             return [{**base, "ratio": r} for r in (1.0, 0.8, 0.6)] + [{**base, "bits": 8}]
         return [base]

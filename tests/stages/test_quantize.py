@@ -185,6 +185,7 @@ def test_trial_ladder_inc_and_openvino():
                                  smooth_quant=True, smooth_quant_alpha=0.5), None)
     assert [(t["method"], t.get("smooth_quant_alpha")) for t in static] == [("static", 0.5),
                                                                              ("weight", None)]
+    assert static[1]["sym"] is False  # INT8 weights fall back asymmetric, NNCF's default
     plain = trial_settings(_cfg(backend="openvino", method="static", bits=8,
                                 smooth_quant=False, smooth_quant_alpha=0.5), None)
     assert plain[0]["smooth_quant_alpha"] is None
