@@ -203,11 +203,13 @@ def precision_overrides() -> list[str]:
 def main(argv: list[str]) -> int:
     from llmctl.progress import console
 
+    if argv and (argv[0] != "--run" or len(argv) != 2):
+        raise UserError(f"unexpected arguments {argv}: python -m llmctl.real [--run RECIPE]")
     for name in ARTIFACTS:
         console.print(f"  {name}: {fetch(name)}")
     for name, path in prepare_tweets().items():
         console.print(f"  {name}: {path}")
-    if argv[:1] != ["--run"] or len(argv) != 2:
+    if not argv:
         return 0
     overrides = precision_overrides()
     if overrides:

@@ -185,6 +185,15 @@ class Engine:
         hit_eos = bool(ids) and ids[-1] == eos
         return Choice(text, "stop" if text != full or hit_eos or stopped else "length", len(ids))
 
+    def _arrivals(self, wait: bool) -> list[Job]:
+        """Every job queued now; when ``wait``, at least one (blocking until it comes)."""
+        arrived = [self.jobs.get()] if wait else []
+        while True:
+            try:
+                arrived.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return arrived
+
     def _counted(self, size: int) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, size)
@@ -215,11 +224,7 @@ class TransformersEngine(Engine):
                 waiting.append(self.jobs.get())
             if answered > 1:  # under load: the clients just answered are about to ask again
                 time.sleep(GATHER_SECONDS)
-            while True:  # all that arrived during the last batch may join the next one
-                try:
-                    waiting.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
+            waiting.extend(self._arrivals(wait=False))  # all may join the next batch
             batch = self._take_batch(waiting)
             if not batch:  # every waiting request was cancelled (its client left)
                 continue
@@ -253,13 +258,12 @@ class TransformersEngine(Engine):
                     (a.temperature == b.temperature == 0 or
                      (a.temperature, a.top_p) == (b.temperature, b.top_p)))
 
-        longest = lambda jobs, key: max(getattr(j, key) for j in jobs)  # noqa: E731
         for job in list(waiting):
             if rows + job.sampling.n > self.max_batch:
                 break
             grown = [*batch, job]  # left padding: every row runs to the longest prompt + budget
-            fits = (self.positions is None or longest(grown, "prompt_tokens") +
-                    longest(grown, "max_tokens") <= self.positions)
+            fits = self.positions is None or (max(j.prompt_tokens for j in grown) +
+                                              max(j.max_tokens for j in grown) <= self.positions)
             if alike(job) and fits and not job.cancelled.is_set():
                 waiting.remove(job)
                 batch.append(job)
@@ -380,13 +384,7 @@ class GenaiEngine(Engine):
         running: dict[int, GenaiDecode] = {}
         ids = itertools.count()
         while True:
-            arrived = [] if running else [self.jobs.get()]
-            while True:
-                try:
-                    arrived.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            for job in arrived:
+            for job in self._arrivals(wait=not running):
                 if job.cancelled.is_set():
                     job.done.cancel()
                     continue
@@ -723,8 +721,9 @@ def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) 
     sock = bind(host, port)
     api_key = os.environ.get(API_KEY_ENV) or None
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
-    if has_genai_files(model_dir(path)):
-        engine: Engine = GenaiEngine(model_dir(path), tokenizer, name, max_batch)
+    directory = model_dir(path)  # a .gguf file's converted directory
+    if has_genai_files(directory):
+        engine: Engine = GenaiEngine(directory, tokenizer, name, max_batch)
     else:
         engine = TransformersEngine(load_causal_lm(path, recipe.model).to(device()).eval(),
                                     tokenizer, name, max_batch)

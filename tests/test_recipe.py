@@ -245,3 +245,11 @@ def test_make_real_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
     recipe = load_recipe(recipe_path, sets)
     assert recipe.sft.precision == recipe.ppo.precision == recipe.dpo.precision == "fp32"
     assert load_recipe(recipe_path).sft.precision == "bf16"
+
+
+def test_make_real_refuses_unknown_arguments_before_any_work():
+    from llmctl.real import main
+
+    for argv in (["--rnu", "r.toml"], ["--run"], ["--run", "a.toml", "b.toml"]):
+        with pytest.raises(UserError, match=r"python -m llmctl.real \[--run RECIPE\]"):
+            main(argv)
