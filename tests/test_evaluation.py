@@ -49,3 +49,29 @@ def test_local_and_harness_tasks_together(tmp_path):
 
     manager = check_tasks(["tiny_choice", "hellaswag"], tiny_choice_task(tmp_path / "tasks"))
     assert {"tiny_choice", "hellaswag"} <= set(manager.all_tasks)
+
+
+@pytest.mark.parametrize("context", ["The market said", ""])
+def test_continuation_logprobs_share_the_prompt_pass_exactly(tiny_lm, context):
+    """Label scoring runs the shared prompt once and each label on its KV cache; every score
+    must equal the continuation's log-likelihood from a plain full-sequence forward, whether a
+    label is one token or several (and with nothing to share, an empty context)."""
+    import torch
+
+    from llmctl.evaluation import continuation_logprobs
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(tiny_lm)).eval(), load_tokenizer(str(tiny_lm))
+    continuations = [" up", " down sharply today", " sideways, then up"]
+    scores = continuation_logprobs(model, tokenizer, context, continuations)
+
+    ctx_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    for cont, score in zip(continuations, scores):
+        ids = tokenizer(context + cont, add_special_tokens=False)["input_ids"]
+        assert ids[:ctx_len] == tokenizer(context, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        start = max(ctx_len, 1)
+        expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
+        assert score == pytest.approx(expected, abs=1e-4), cont
+    assert len(set(round(s, 4) for s in scores)) == 3  # the labels are told apart

@@ -6,7 +6,8 @@ the reference is the same model with the adapter switched off. A chat source (``
 "chat"``) gives the prompt as a user turn and the answers as assistant turns. Setup -> score the
 label task before (when the chosen answers are a few labels) -> train -> evaluate
 (rewards/accuracies: how often the implicit reward ranks chosen above rejected) -> score after
--> save.
+-> save. No evaluation before training: the policy starts as the reference, so every implicit
+reward is 0 and the ranking accuracy 0% (it was measured so, at 2.7 min of the real run's DPO).
 """
 
 from __future__ import annotations
@@ -59,13 +60,11 @@ def run(ctx: StageContext) -> dict:
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config)
     show_progress(trainer, "dpo")
-    before = trainer.evaluate()
     train(trainer, stage)
     after = trainer.evaluate()
     hits_after = label_hits(trainer.model, tokenizer, eval_rows, template, labels) if labels else None
     console.print(f"  held-out pairs ranked right by the implicit reward: "
-                  f"{before['eval_rewards/accuracies']:.1%} before -> "
-                  f"{after['eval_rewards/accuracies']:.1%} after")
+                  f"{after['eval_rewards/accuracies']:.1%} (0% before: every reward is 0)")
 
     output = "adapter" if cfg.method == "lora" else "model"
     save_trained(trainer, trainer.model, tokenizer, stage.path(output), stage)
@@ -73,7 +72,6 @@ def run(ctx: StageContext) -> dict:
     first, last = loss_first_last(trainer.state.log_history)
     metrics = {
         "eval_rewards_accuracy": float(after["eval_rewards/accuracies"]),
-        "eval_rewards_accuracy_before": float(before["eval_rewards/accuracies"]),
         "eval_rewards_margin": float(after["eval_rewards/margins"]),
         "eval_loss": float(after["eval_loss"]),
         "eval_pairs": len(eval_ds),
