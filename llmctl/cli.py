@@ -170,7 +170,11 @@ def generate_command(
         out = run_stage(loaded, "generate")
     if out_file is not None:
         out_file.write_text("".join(json.dumps(r) + "\n" for r in out["results"]))
-    for r in out["results"]:
+    print_generations(out["results"], as_json)
+
+
+def print_generations(results: list[dict], as_json: bool = False) -> None:
+    for r in results:
         if as_json:
             print(json.dumps({"prompt": r["prompt"], "completions": r["completions"]}))
         else:
@@ -204,7 +208,20 @@ def run_command(recipe: Path = RecipeArg, run_dir: Optional[Path] = RunDirOpt,
     if dry_run:
         _dry_run(loaded, loaded.stages(), force=force, whole_recipe=True)
         return
-    run_all(loaded, force=force)
+    import time
+
+    from llmctl.progress import console
+
+    t0 = time.perf_counter()
+    outcome = run_all(loaded, force=force)
+    if outcome.get("generate") == "ran":  # the run's last word: what its model now answers
+        print_generations([json.loads(line) for line in
+                           (loaded.run_dir / "generate" / "generations.jsonl").open()])
+    ran = [stage for stage, what in outcome.items() if what == "ran"]
+    console.print(f"llmctl run: {len(ran)} stage(s) ran, {len(outcome) - len(ran)} up to date, "
+                  f"in {(time.perf_counter() - t0) / 60:.1f} min; `llmctl status {recipe}"
+                  f"{f' --run-dir {run_dir}' if run_dir else ''}` lists each stage's metrics",
+                  soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command("status")

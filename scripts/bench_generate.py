@@ -62,12 +62,16 @@ VARIANTS = {
                               "group_size": -1, "sym": False, "smooth_quant_alpha": 0.95}, 1.0, 1.0),
     "openvino int4 g128": ({"backend": "openvino", "method": "weight", "bits": 4,
                             "group_size": 128, "sym": True, "ratio": 1.0}, 0.5, 1.0),
+    # One scale per output channel: less to read and a simpler kernel than groups of 128.
+    "openvino int4 channel": ({"backend": "openvino", "method": "weight", "bits": 4,
+                               "group_size": -1, "sym": True, "ratio": 1.0}, 0.5, 1.0),
 }
 # The same models saved and reopened as `llmctl quantize` leaves them: openvino-genai's C++
 # loop decodes them (in generate and bench); the variants above use optimum-intel's generate.
 GENAI = " genai"
 VARIANTS.update({name + GENAI: VARIANTS[name]
-                 for name in ("openvino fp32", "openvino int8", "openvino int4 g128")})
+                 for name in ("openvino fp32", "openvino int8", "openvino int4 g128",
+                              "openvino int4 channel")})
 
 
 # The models the course measures, by their Hugging Face configs (facebook/opt-125m, opt-1.3b).

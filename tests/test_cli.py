@@ -82,11 +82,17 @@ def test_run_dir_option(tiny_recipe, tmp_path, capsys):
 
 def test_run_skips_up_to_date_stages(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe()
-    code, _, err = run_cli(["run", recipe], capsys)
+    code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
+    # the run ends on what its model now answers, and a count
+    generations = (tmp_path / "run" / "generate" / "generations.jsonl").read_text().splitlines()
+    first_answer = json.loads(generations[0])
+    assert f"{first_answer['input']}{first_answer['completions'][0]}" in out
+    assert "llmctl run: 2 stage(s) ran, 0 up to date" in err
     first = manifest(tmp_path / "run" / "pretrain")["finished_at"]
-    code, _, err = run_cli(["run", recipe], capsys)
+    code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0 and err.count("up to date, skipped") == 2
+    assert out == "" and "llmctl run: 0 stage(s) ran, 2 up to date" in err
     assert manifest(tmp_path / "run" / "pretrain")["finished_at"] == first
     # a changed generate setting reruns generate only
     code, _, err = run_cli(["run", recipe, "--set", "generate.max_new_tokens=4"], capsys)
