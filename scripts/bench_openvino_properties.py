@@ -36,6 +36,8 @@ PROPERTIES = {
     "kv cache u8": {"KV_CACHE_PRECISION": "u8"},
     "dyn quant group 32": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
     "dyn quant off": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
+    "dyn quant group 128": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "128"},
+    "f32 precision": {"INFERENCE_PRECISION_HINT": "f32"},  # the default is bf16 where AMX is
     "2 threads": {"INFERENCE_NUM_THREADS": 2},
     "latency + kv u8 + dq32": {"PERFORMANCE_HINT": "LATENCY", "KV_CACHE_PRECISION": "u8",
                                "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},

@@ -109,6 +109,7 @@ def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm,
     assert (tmp_path / "q" / "openvino_detokenizer.xml").exists()
 
     model = load_causal_lm(str(tmp_path / "q"))
+    assert model.ov_config["INFERENCE_PRECISION_HINT"] == "f32"  # both decoders alike
     assert genai_pipeline(model) is not None and model.request is None
     text = "The function returns"
     for cfg in (GenerateConfig(max_new_tokens=10),
