@@ -135,12 +135,16 @@ def stratified_split(rows: list[dict[str, str]], train_per_label: int, eval_per_
 
 
 def preference_pairs(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
-    """For each tweet: the user's question (the SFT prompt), its right label as chosen, a wrong
-    one as rejected. A chat source renders them as a user turn and two assistant answers."""
-    rng = random.Random(seed)
-    return [{"prompt": f"{INSTRUCTION}\n\nTweet: {r['text']}", "chosen": r["sentiment"],
-             "rejected": rng.choice([x for x in LABELS if x != r["sentiment"]])}
-            for r in rows]
+    """For each tweet two pairs: the user's question (the SFT prompt), its right label as chosen,
+    each wrong one as rejected; shuffled with ``seed``. A chat source renders them as a user turn
+    and two assistant answers. With one wrong label drawn per tweet, DPO pushed that label down
+    and left the third untouched, which then won: held-out accuracy 0.650 -> 0.557 (-0.093 ±
+    0.037); with both, 0.650 -> 0.703 (+0.053 ± 0.029), same steps and settings."""
+    pairs = [{"prompt": f"{INSTRUCTION}\n\nTweet: {r['text']}", "chosen": r["sentiment"],
+              "rejected": wrong}
+             for r in rows for wrong in LABELS if wrong != r["sentiment"]]
+    random.Random(seed).shuffle(pairs)
+    return pairs
 
 
 def label_first_pairs(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
@@ -154,10 +158,10 @@ def label_first_pairs(rows: list[dict[str, str]], seed: int = 0) -> list[dict[st
             for r in rows]
 
 
-def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_label: int = 50,
+def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_label: int = 100,
                    seed: int = 0) -> dict[str, str]:
     """Deep Lake datasets under ``cache/datasets``: tweets_train / tweets_eval (text,
-    sentiment), prefs_train / prefs_eval (prompt, chosen, rejected: DPO's format) and
+    sentiment), prefs2_train / prefs2_eval (prompt, chosen, rejected: DPO's format) and
     reward_train / reward_eval (label-first chosen / rejected: the reward encoder's), and
     ``cache/lm_tasks/...``: the held-out tweets as the lm-eval task ``tweet_sentiment``."""
     from llmctl.data import write_dataset
@@ -167,8 +171,8 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
     train, held_out = stratified_split(rows, train_per_label, eval_per_label, seed)
     out = {}
     for name, records in (("tweets_train", train), ("tweets_eval", held_out),
-                          ("prefs_train", preference_pairs(train, seed)),
-                          ("prefs_eval", preference_pairs(held_out, seed + 1)),
+                          ("prefs2_train", preference_pairs(train, seed)),
+                          ("prefs2_eval", preference_pairs(held_out, seed + 1)),
                           ("reward_train", label_first_pairs(train, seed)),
                           ("reward_eval", label_first_pairs(held_out, seed + 1))):
         path = cache / "datasets" / f"{name}-agree-s{seed}-{train_per_label}-{eval_per_label}"

@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--smollm2",
                         default=".llmctl-cache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f",
                         help="SmolLM2-135M-Instruct as a converted HF directory (SFT part)")
-    parser.add_argument("--tweets", default=".llmctl-cache/datasets/tweets_train-agree-s0-400-50",
+    parser.add_argument("--tweets", default=".llmctl-cache/datasets/tweets_train-agree-s0-400-100",
                         help="the tweets train split (Deep Lake); its eval split beside it")
     parser.add_argument("--sft-steps", type=int, default=15)
     parser.add_argument("--sft-repeats", type=int, default=2)

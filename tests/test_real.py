@@ -110,3 +110,17 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     assert len(rows) == 3 and all(r["input"].endswith("<|im_start|>assistant\n") for r in rows)
     assert all(r["completions"][0].strip() for r in rows)
     assert os.path.isdir(REPO / ".llmctl-cache" / "gguf")
+
+
+def test_preference_pairs_put_the_right_label_over_each_wrong_one():
+    """Both wrong labels of every tweet are rejected once (one drawn label per tweet left the
+    third untouched, and DPO made it win: held-out accuracy fell)."""
+    from llmctl.real import LABELS, preference_pairs
+
+    rows = [{"text": f"tweet {i}", "sentiment": LABELS[i % 3]} for i in range(6)]
+    pairs = preference_pairs(rows, seed=0)
+    assert len(pairs) == 12
+    for row in rows:
+        mine = [p for p in pairs if p["prompt"].endswith(f"Tweet: {row['text']}")]
+        assert {p["chosen"] for p in mine} == {row["sentiment"]}
+        assert sorted(p["rejected"] for p in mine) == sorted(set(LABELS) - {row["sentiment"]})
