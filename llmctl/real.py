@@ -190,7 +190,7 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
 
 # The recipe trains in bf16, the course's setting for a Xeon's AMX. A CPU without native bf16
 # (AVX512-BF16 or AMX) emulates it: a bf16 matmul ran ~125x slower than fp32 on an AVX2 EPYC.
-TRAINING_STAGES = ("sft", "ppo", "dpo")
+TRAINING_STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 def precision_overrides() -> list[str]:
@@ -217,8 +217,8 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = precision_overrides()
     if overrides:
-        console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): sft, ppo and dpo "
-                      "train in fp32")
+        console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): "
+                      f"{', '.join(TRAINING_STAGES)} train in fp32")
     return subprocess.run([sys.executable, "-m", "llmctl", "run", argv[1], *overrides]).returncode
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY_OPT = ("{ num_hidden_layers = 2, hidden_size = 64, ffn_dim = 128, num_attention_heads = 4, "
             "max_position_embeddings = 128, word_embed_proj_dim = 64, init_std = 0.05 }")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir(tmp_path_factory):
+    """Temporary files of this process and its subprocesses go under pytest's own (rotated)
+    base directory: wandb's media/artifact directories, for one, stay behind in /tmp when a
+    process is killed, as the kill/resume tests do."""
+    scratch = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(scratch))
+    patch.setattr(tempfile, "tempdir", str(scratch))
+    yield scratch
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
