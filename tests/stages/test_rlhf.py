@@ -214,6 +214,41 @@ def test_adaptive_kl_steers_the_coefficient_towards_the_target():
     assert args.kl_coef == pytest.approx(before * 0.98)
 
 
+def test_held_out_samples_share_the_prompt_pass():
+    """PPO's held-out sampling runs each prompt once and continues every sample from a copy of
+    its KV cache: greedy rows equal generating each prompt alone (left padding and positions
+    right), and sampled rows equal generate(num_return_sequences=n) from the same seed."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from llmctl.stages.ppo import generate_samples
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, pad_token_id=0,
+                                         initializer_range=0.5)).eval()  # not near-uniform
+    prompts = [[5, 9, 14, 3, 22, 7], [11, 4, 30]]
+    ids = torch.tensor([prompts[0], [0, 0, 0, *prompts[1]]])  # left-padded
+    mask = (ids != 0).long()
+    greedy = GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        out = generate_samples(model, ids, mask, greedy, samples=3)
+        assert out.shape == (6, 10)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(torch.tensor([prompt]), generation_config=greedy)[0, -4:]
+            for sample in range(3):
+                assert out[3 * row + sample, -4:].tolist() == alone.tolist()
+        sampled = GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=0,
+                                   top_p=1.0, temperature=1.0, pad_token_id=0)
+        torch.manual_seed(1)
+        shared = generate_samples(model, ids, mask, sampled, samples=3)
+        torch.manual_seed(1)
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=sampled,
+                               num_return_sequences=3)
+    assert torch.equal(shared, plain)
+    assert len({tuple(r) for r in shared[:3, -4:].tolist()}) > 1  # the samples differ
+
+
 def test_dpo_runs(reward_run, capsys):
     code, _, err = run_cli(["dpo", reward_run], capsys)
     assert code == 0, err
