@@ -58,6 +58,9 @@ VARIANTS = {
     "openvino fp32": ({"backend": "openvino", "method": "weight", "bits": 16}, 4.0, 4.0),
     "openvino int8": ({"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
                        "sym": False}, 1.0, 1.0),
+    # Symmetric: no zero point to subtract in the kernel (NNCF's default for INT8 is asymmetric).
+    "openvino int8 sym": ({"backend": "openvino", "method": "weight", "bits": 8, "group_size": -1,
+                           "sym": True}, 1.0, 1.0),
     "openvino static int8": ({"backend": "openvino", "method": "static", "bits": 8,
                               "group_size": -1, "sym": False, "smooth_quant_alpha": 0.95}, 1.0, 1.0),
     "openvino int4 g128": ({"backend": "openvino", "method": "weight", "bits": 4,
@@ -70,7 +73,8 @@ VARIANTS = {
 # loop decodes them (in generate and bench); the variants above use optimum-intel's generate.
 GENAI = " genai"
 VARIANTS.update({name + GENAI: VARIANTS[name]
-                 for name in ("openvino fp32", "openvino int8", "openvino int4 g128",
+                 for name in ("openvino fp32", "openvino int8", "openvino int8 sym",
+                              "openvino int4 g128",
                               "openvino int4 channel")})
 
 
