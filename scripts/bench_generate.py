@@ -74,8 +74,7 @@ VARIANTS = {
 GENAI = " genai"
 VARIANTS.update({name + GENAI: VARIANTS[name]
                  for name in ("openvino fp32", "openvino int8", "openvino int8 sym",
-                              "openvino int4 g128",
-                              "openvino int4 channel")})
+                              "openvino int4 g128", "openvino int4 channel")})
 
 
 # The models the course measures, by their Hugging Face configs (facebook/opt-125m, opt-1.3b).

@@ -214,6 +214,9 @@ def generate_samples(model, input_ids, attention_mask, gen: GenerationConfig, sa
     pass, so a 90-token chat prompt cost n prefills for a 3-token answer: most of PPO's
     held-out evaluation. Here the prompt but its last token runs once and each sample reads a
     copy of that KV cache. Returns the prompts' ids with the continuations, n rows a prompt."""
+    if input_ids.shape[1] < 2:  # nothing to share before the last token
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              generation_config=gen, num_return_sequences=samples)
     head, mask = input_ids[:, :-1], attention_mask[:, :-1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded positions
     cache = model(input_ids=head, attention_mask=mask, position_ids=positions,

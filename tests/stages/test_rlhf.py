@@ -247,6 +247,14 @@ def test_held_out_samples_share_the_prompt_pass():
                                num_return_sequences=3)
     assert torch.equal(shared, plain)
     assert len({tuple(r) for r in shared[:3, -4:].tolist()}) > 1  # the samples differ
+    one_token = torch.tensor([[7], [30]])  # no prompt pass to share: generate's own path
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        alone = generate_samples(model, one_token, torch.ones_like(one_token), sampled, samples=3)
+        torch.manual_seed(2)
+        plain = model.generate(input_ids=one_token, attention_mask=torch.ones_like(one_token),
+                               generation_config=sampled, num_return_sequences=3)
+    assert alone.shape == (6, 5) and torch.equal(alone, plain)
 
 
 def test_dpo_runs(reward_run, capsys):
