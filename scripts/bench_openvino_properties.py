@@ -3,12 +3,12 @@
 Builds the course's OPT-1.3B shape (``--shape``) from its config (random weights, no download), compresses
 its weights as `llmctl quantize` does (``--bits 4``: INT4 g128 symmetric, or 8), saves it as the
 quantize stage leaves it, and decodes ``--tokens`` forced new tokens greedily through
-openvino-genai's ``LLMPipeline`` opened with each property set below. Rounds interleave the
-sets (this machine drifts by +-20% within a minute); speed-ups are against the default
-properties in the same run. Usage:
+openvino-genai's ``LLMPipeline`` opened with each property set below on top of llmctl's own.
+Rounds interleave the sets (this machine drifts by +-20% within a minute); speed-ups are
+against llmctl's properties in the same run. Usage:
 
     python scripts/bench_openvino_properties.py [--shape opt-1.3b|opt-125m] [--bits 4]
-        [--tokens 128] [--rounds 2]
+        [--tokens 128] [--rounds 2] [--levers NAME ...]
 """
 
 from __future__ import annotations
@@ -28,20 +28,25 @@ from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from llmctl import quantization  # noqa: E402
 from llmctl.latency import generate_seconds  # noqa: E402
+from llmctl.quantization.openvino import CPU_PROPERTIES  # noqa: E402
 
-# name -> properties for LLMPipeline (the issue's levers; CPU plugin names).
-PROPERTIES = {
-    "default": {},
+# name -> properties for LLMPipeline, each on top of what llmctl opens OpenVINO models with
+# (CPU_PROPERTIES: f32 arithmetic), so that a speed-up is a lever llmctl does not pull yet.
+# CPU plugin names, plus openvino-genai's ATTENTION_BACKEND: LLMPipeline runs the paged-
+# attention (continuous batching) engine by default; "SDPA" is the stateful model alone.
+LEVERS = {
+    "llmctl (f32)": {},
+    "bf16 precision": {"INFERENCE_PRECISION_HINT": "bf16"},  # OpenVINO's default where AMX is
+    "sdpa backend": {"ATTENTION_BACKEND": "SDPA"},
     "latency hint": {"PERFORMANCE_HINT": "LATENCY"},
     "kv cache u8": {"KV_CACHE_PRECISION": "u8"},
-    "dyn quant group 32": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
     "dyn quant off": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
+    "dyn quant group 32": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
     "dyn quant group 128": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "128"},
-    "f32 precision": {"INFERENCE_PRECISION_HINT": "f32"},  # the default is bf16 where AMX is
     "2 threads": {"INFERENCE_NUM_THREADS": 2},
-    "latency + kv u8 + dq32": {"PERFORMANCE_HINT": "LATENCY", "KV_CACHE_PRECISION": "u8",
-                               "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
+    "sdpa + kv u8": {"ATTENTION_BACKEND": "SDPA", "KV_CACHE_PRECISION": "u8"},
 }
+BASELINE = "llmctl (f32)"
 
 
 def main() -> None:
@@ -50,7 +55,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS),
+                        help=f"which property sets to time ({BASELINE!r} always is)")
     args = parser.parse_args()
+    args.levers = [BASELINE, *(name for name in args.levers if name != BASELINE)]
     import openvino_genai
 
     torch.manual_seed(0)
@@ -66,8 +74,9 @@ def main() -> None:
         del fp_model
         saved = model.llmctl_dir
         print(f"built INT{args.bits} in {time.perf_counter() - t0:.0f} s", flush=True)
-        pipelines = {name: openvino_genai.LLMPipeline(str(saved), "CPU", **props)
-                     for name, props in PROPERTIES.items()}
+        pipelines = {name: openvino_genai.LLMPipeline(str(saved), "CPU",
+                                                      **{**CPU_PROPERTIES, **props})
+                     for name, props in LEVERS.items() if name in args.levers}
 
         def decode(name: str, tokens: int) -> float:
             model._llmctl_genai = pipelines[name]  # what generate_seconds decodes with
@@ -81,13 +90,13 @@ def main() -> None:
                 seconds = decode(name, args.tokens)
                 times[name].append(seconds)
                 print(f"  round {r + 1} {name}: {seconds:.2f} s", flush=True)
-    base = statistics.median(times["default"])
+    base = statistics.median(times[BASELINE])
     print(f"\n{args.shape} INT{args.bits}, {args.tokens} forced tokens, greedy, batch 1, median of "
           f"{args.rounds}:")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:28s} {median:6.2f} s  {args.tokens / median:5.1f} tok/s  "
-              f"{base / median:4.2f}x default  (min {min(values):.2f}, max {max(values):.2f})")
+              f"{base / median:4.2f}x llmctl  (min {min(values):.2f}, max {max(values):.2f})")
 
 
 if __name__ == "__main__":
