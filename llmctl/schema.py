@@ -311,6 +311,9 @@ class DpoConfig(TrainConfig):
                         "the reference (higher: closer)")
     loss_type: str = Field("sigmoid", description="trl's DPO loss name: sigmoid, ipo, hinge, "
                            "robust, ...")
+    rpo_alpha: float | None = Field(None, gt=0, description="adds the chosen answers' NLL, this "
+                                    "weighted, to the loss (RPO): the policy keeps saying them "
+                                    "instead of only ranking them higher")
     max_length: int = Field(512, ge=2, description="tokens per prompt and answer, truncated")
     lr: float = Field(5e-6, ge=0, description="learning rate (peak, after warmup)")
 
@@ -473,8 +476,8 @@ class QuantizeCommon(Section):
     """Post-training quantization with an accuracy criterion (see llmctl.quantization): what
     every backend shares. Each backend's table adds its own methods and fields below."""
 
-    model: str | None = Field(None, description="default: the last trained model "
-                              "(ppo > rloo > grpo > dpo > merge > sft > pretrain)")
+    model: str | None = Field(None, description="a stage (\"dpo\") or a model path; default: the "
+                              "last trained model (ppo > rloo > grpo > dpo > merge > sft > pretrain)")
     calibration: str | None = Field(None, description="the [data.<name>] source whose rows "
                                     "calibrate GPTQ/AWQ/static INT8; default: the metric's")
     calibration_samples: int = Field(32, ge=1, description="calibration blocks of seq_len tokens")

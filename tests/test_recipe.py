@@ -124,6 +124,18 @@ def test_upstream_model_defaults(tmp_path):
     assert explicit.upstream_inputs("sft") == {"model": "my/model"}
 
 
+def test_quantize_model_names_a_stage_or_a_path(tmp_path):
+    """quantize.model = "dpo" is that stage's output (the adapter of a LoRA DPO), as
+    bench.models names stages; a path is taken as it is; the default is the last trained model."""
+    text = BASE + '[merge]\n[dpo]\ndata = "qa"\n[ppo]\ndata = "qa"\nreward_model = "r"\n[quantize]\n'
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.upstream_inputs("quantize") == {"model": "runs/t/ppo/adapter"}
+    named = load_recipe(write(tmp_path, text), ['quantize.model="dpo"'])
+    assert named.upstream_inputs("quantize") == {"model": "runs/t/dpo/adapter"}
+    path = load_recipe(write(tmp_path, text), ['quantize.model="some/dir"'])
+    assert path.upstream_inputs("quantize") == {"model": "some/dir"}
+
+
 def test_stage_hash_tracks_config(tmp_path):
     path = write(tmp_path, BASE)
     a, b = load_recipe(path), load_recipe(path, ["sft.lr=1e-3"])

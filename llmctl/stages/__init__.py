@@ -115,7 +115,7 @@ def _group_rl_inputs(recipe: "Recipe", cfg: schema.GroupRLConfig) -> dict[str, s
 
 
 def _quantize_inputs(recipe: "Recipe", cfg: schema.QuantizeConfig) -> dict[str, str]:
-    return {"model": cfg.model or recipe.trained_model()}
+    return {"model": recipe.named_model(cfg.model) if cfg.model else recipe.trained_model()}
 
 
 def _bench_inputs(recipe: "Recipe", cfg: schema.BenchConfig) -> dict[str, str]:

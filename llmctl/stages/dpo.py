@@ -14,7 +14,6 @@ from __future__ import annotations
 
 
 from trl import DPOConfig as TrlDPOConfig
-from trl import DPOTrainer
 
 from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split, preference_template
@@ -23,6 +22,7 @@ from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metric
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
+from llmctl.trainers.dpo import CompletionHeadDPOTrainer
 from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
     save_training_log, schedule_metrics, show_progress, train, training_args
 
@@ -52,13 +52,14 @@ def run(ctx: StageContext) -> dict:
     stage = ctx.start()
     cache = str(stage.cache_dir)
     args = training_args(cfg, stage, recipe,
-                         args_cls=TrlDPOConfig, beta=cfg.beta, loss_type=[cfg.loss_type],
+                         args_cls=TrlDPOConfig, beta=cfg.beta, **dpo_loss(cfg),
                          max_length=cfg.max_length)
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, "preference", cache)
         eval_ds = capped_eval(hf_dataset(source, "eval", key, "preference", cache), cfg)
-    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config)
+    trainer = CompletionHeadDPOTrainer(model=model, args=args, processing_class=tokenizer,
+                                       train_dataset=train_ds, eval_dataset=eval_ds,
+                                       peft_config=peft_config)
     show_progress(trainer, "dpo")
     train(trainer, stage)
     after = trainer.evaluate()
@@ -86,3 +87,9 @@ def run(ctx: StageContext) -> dict:
     stage.finish(metrics, {output: output, **logs})
     return metrics
 
+
+def dpo_loss(cfg) -> dict:
+    """trl's loss arguments: the recipe's loss, plus the chosen answers' NLL with RPO."""
+    if cfg.rpo_alpha is None:
+        return {"loss_type": [cfg.loss_type]}
+    return {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.rpo_alpha]}
