@@ -102,8 +102,10 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     assert ppo["reward_tokenizer_shared"] is False and "reward_gain_sem" in ppo["metrics"]
     dpo = manifest(run_dir / "dpo")["metrics"]
     assert 0 <= dpo["eval_task_accuracy_after"] <= 1 and dpo["eval_task_chance"] == 1 / 3
+    # The DPO model is the one quantized (recipe: quantize.model = "dpo").
+    assert manifest(run_dir / "quantize")["inputs"]["model"].endswith("/dpo/adapter")
     bench = manifest(run_dir / "bench")["metrics"]
-    for label in ("dpo", "ppo", "quantize"):
+    for label in ("merge", "dpo", "quantize"):
         assert 0 <= bench[f"{label}/tweet_sentiment.acc"] <= 1
     rows = [json.loads(line) for line in
             (run_dir / "generate" / "generations.jsonl").read_text().splitlines()]
