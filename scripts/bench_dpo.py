@@ -1,6 +1,7 @@
 """DPO step time: llmctl's trainer (LM head on the completion positions only) against trl's
-DPOTrainer, on the real run's setting: SmolLM2-135M-Instruct (the merged SFT model), LoRA r 16
-on q_proj/v_proj, the tweets' preference pairs in the chat template, batch 8, beta 0.1, bf16.
+DPOTrainer, on the real run's setting: SmolLM2-135M-Instruct (the merged SFT model), the
+tweets' preference pairs in the chat template, and the recipe's [dpo] LoRA, batch, learning
+rate, beta, loss and max_length, in bf16.
 
 Rounds alternate (trl, llmctl, trl, ...); each trains ``--steps`` optimizer steps from the
 same start and times the steps after the first ``SKIP``. Prints each round, the medians, and
@@ -21,12 +22,13 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from llmctl.data import hf_dataset
-from llmctl.models import load_tokenizer, lora_config
+from llmctl.models import load_causal_lm, load_tokenizer, lora_config
 from llmctl.recipe import load_recipe
+from llmctl.stages.dpo import dpo_loss
 from llmctl.trainers.dpo import CompletionHeadDPOTrainer
 
 SKIP = 2  # warm-up steps left out
@@ -40,18 +42,18 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def seconds_per_step(trainer_cls, args, dataset, workdir: str) -> float:
-    recipe = load_recipe(args.recipe)
-    tokenizer = load_tokenizer(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = DPOConfig(output_dir=workdir, per_device_train_batch_size=8, max_length=256,
-                       learning_rate=1e-3, beta=0.1, bf16=True, use_cpu=True, report_to=[],
+def seconds_per_step(trainer_cls, recipe, tokenizer, dataset, args, workdir: str) -> float:
+    cfg = recipe.dpo
+    model = load_causal_lm(args.model, recipe.model)
+    config = DPOConfig(output_dir=workdir, per_device_train_batch_size=cfg.batch_size,
+                       max_length=cfg.max_length, learning_rate=cfg.lr, beta=cfg.beta,
+                       **dpo_loss(cfg), bf16=True, use_cpu=True, report_to=[],
                        max_steps=args.steps, save_strategy="no", logging_steps=1,
                        disable_tqdm=True, seed=0)
     torch.manual_seed(0)
     trainer = trainer_cls(model=model, args=config, processing_class=tokenizer,
                           train_dataset=dataset,
-                          peft_config=lora_config(recipe.dpo.lora, model, "dpo.lora"))
+                          peft_config=lora_config(cfg.lora, model, "dpo.lora"))
     timer = StepTimes()
     trainer.add_callback(timer)
     trainer.train()
@@ -69,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe)
+    tokenizer = load_tokenizer(args.model, recipe.model)
     with tempfile.TemporaryDirectory() as workdir:
         source = recipe.data_source("dpo", recipe.dpo.data)
         dataset = hf_dataset(source, "train", f"data.{recipe.dpo.data}", "preference", workdir)
@@ -76,7 +79,7 @@ def main() -> None:
         results = {"trl DPOTrainer": [], "llmctl": []}
         for round_ in range(args.rounds):
             for label, cls in (("trl DPOTrainer", DPOTrainer), ("llmctl", CompletionHeadDPOTrainer)):
-                seconds = seconds_per_step(cls, args, dataset, workdir)
+                seconds = seconds_per_step(cls, recipe, tokenizer, dataset, args, workdir)
                 results[label].append(seconds)
                 print(f"round {round_ + 1} {label}: {seconds:.3f} s/step", flush=True)
     trl_s, ours_s = (statistics.median(v) for v in results.values())
