@@ -230,7 +230,8 @@ class RewardConfig(TrainConfig):
 
 
 class PpoConfig(Section):
-    """RLHF with trl's PPO: a LoRA policy against a reward model, KL-penalised to the reference."""
+    """RLHF with PPO (trl 1.12's algorithm, llmctl's code): a LoRA policy against a reward
+    model, KL-penalised to the reference."""
 
     data: str | None = Field(None, description="the [data.<name>] source of prompts; its "
                              "template turns a row into a query")
@@ -281,8 +282,8 @@ class PpoConfig(Section):
                                  "cards that have it, fp16 on older cards, fp32 on CPU")
     save_steps: int = Field(50, ge=1, description="save a checkpoint every this many PPO "
                             "batches")
-    logging_steps: int = Field(1, ge=1, description="trl's logging_steps, in PPO batches "
-                               "(trl's PPO logs every batch regardless)")
+    logging_steps: int = Field(1, ge=1, description="kept for older recipes: PPO logs every "
+                               "batch regardless")
     merge: bool = Field(False, description="also write a merged standalone model")
     report_to: Literal["none", "wandb", "tensorboard"] = Field(
         "none", description="experiment tracker; its files go in the stage directory")

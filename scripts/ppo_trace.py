@@ -12,7 +12,10 @@ It writes tests/data/ppo_trace/ (next to this script's repository), about 1 MB:
   ``reward_tokenizer/``: the demo's WordPiece scheme over the same texts;
 - ``policy/``: a tiny OPT (the demo's architecture) from a fixed seed, its final layer norm's
   bias turned towards the eos embedding so that about one position in six samples eos (the
-  truncation, padding and missing-eos code runs); dropout 0.1 everywhere (PPO must switch it off);
+  truncation, padding and missing-eos code runs); no dropout in the model itself: trl switched
+  off ``nn.Dropout`` modules only, and OPT drops out functionally from ``config.dropout``, which
+  trl therefore left on (in train mode, even while sampling): random, so not replayable. The
+  LoRA adapter has dropout 0.1 (``nn.Dropout``, which PPO must switch off);
 - ``value_score.safetensors``: the value model's score head (the value model is
   AutoModelForSequenceClassification, num_labels=1, from the policy's weights plus this head);
 - ``reward_bert/``: an encoder reward model with its own tokenizer (the demo's case: trl gets
@@ -29,7 +32,7 @@ It writes tests/data/ppo_trace/ (next to this script's repository), about 1 MB:
   loss/value_avg, policy/clipfrac_avg, policy/approxkl_avg, val/clipfrac_avg, ...).
 
 Two runs: ``text`` (the demo's: reward model with its own tokenizer, k1, fixed kl_coef,
-missing_eos_penalty, temperature 0.7, 2 mini-batches x 2 epochs) and ``shared`` (reward model
+missing_eos_penalty, temperature 0.7, 2 mini-batches x 3 epochs) and ``shared`` (reward model
 on the policy's ids, k3, the adaptive KL controller, gradient accumulation over 2
 micro-batches, 2 epochs). Each runs 6 steps of 8 rollouts on CPU in a few seconds.
 """
@@ -51,10 +54,11 @@ OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "ppo_trace"
 SEED = 0
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1,
         "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-COMMON = {"steps": 6, "batch_size": 8, "lr": 1e-3, "response_length": 6, "cliprange": 0.2,
+# lr high enough that ratios leave the clip range within a step (clipfrac > 0)
+COMMON = {"steps": 6, "batch_size": 8, "lr": 1e-2, "response_length": 6, "cliprange": 0.2,
           "vf_coef": 0.1, "query_max_length": 64}
 RUNS = {
-    "text": {**COMMON, "reward": "bert", "mini_batches": 2, "ppo_epochs": 2, "grad_accum": 1,
+    "text": {**COMMON, "reward": "bert", "mini_batches": 2, "ppo_epochs": 3, "grad_accum": 1,
              "temperature": 0.7, "kl_coef": 0.5, "kl_estimator": "k1", "kl_target": None,
              "kl_horizon": 10000, "missing_eos_penalty": 1.0},
     "shared": {**COMMON, "reward": "opt", "mini_batches": 1, "ppo_epochs": 2, "grad_accum": 2,
@@ -97,7 +101,7 @@ def build_assets(out: Path) -> tuple[list[str], list[str]]:
                    eos_token_id=tokenizer.eos_token_id)
     opt = dict(vocab_size=len(tokenizer), num_hidden_layers=2, hidden_size=32, ffn_dim=64,
                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-               init_std=0.1, dropout=0.1, attention_dropout=0.1, **special)
+               init_std=0.1, dropout=0.0, attention_dropout=0.0, **special)
     torch.manual_seed(SEED)
     policy = OPTForCausalLM(OPTConfig(**opt))
     with torch.no_grad():  # eos about 1 in 6 at each position: logit(eos) raised by ~ln(0.2 V)
@@ -142,7 +146,8 @@ def record_run(name: str, s: dict, out: Path, train_texts: list[str]) -> dict:
     reward_dir = out / f"reward_{s['reward']}"
     reward_tokenizer = AutoTokenizer.from_pretrained(str(reward_dir))
     reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
-    train_ids = tokenizer(train_texts, truncation=True, max_length=s["query_max_length"])["input_ids"]
+    train_ids = tokenizer(train_texts, truncation=True,
+                          max_length=s["query_max_length"])["input_ids"]
     if s["reward"] == "bert":  # the stage's TextReward: decoded query + response, re-tokenized
         reward = TextReward(reward_model, reward_tokenizer, RewardInput(tokenizer, None, []),
                             400, 16)
@@ -152,6 +157,7 @@ def record_run(name: str, s: dict, out: Path, train_texts: list[str]) -> dict:
     tmp = Path(tempfile.mkdtemp())
     args = PPOConfig(
         output_dir=str(tmp), seed=SEED, data_seed=SEED, use_cpu=True, report_to=[],
+        bf16=False, fp16=False,  # as the stage on CPU (precision "auto": fp32); trl's default: bf16
         disable_tqdm=True, save_strategy="no", logging_steps=1, logging_first_step=False,
         learning_rate=s["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0,  # the stage's default; trl's PPO loop never clips

@@ -1,16 +1,16 @@
-"""`llmctl ppo`: RLHF of the SFT policy against a reward model with trl's PPO (v2 design).
+"""`llmctl ppo`: RLHF of the SFT policy against a reward model with llmctl's PPO
+(llmctl/trainers/ppo.py: trl 1.12's "v2" PPO, which trl has since dropped, step for step).
 
 Setup: the policy (upstream merge/sft model) gets a LoRA adapter, the reference policy is the
 same model with the adapter switched off, the value model is the policy's weights with a scalar
-head, and the reward model comes from the reward stage. trl's PPOTrainer feeds the *policy's*
-token ids to the reward model, which is only right when both share a tokenizer; for a reward
-model with its own vocabulary (the course's OPT policy + DeBERTa reward) llmctl hands trl a
-`TextReward` that turns the policy's query+response into text (decoded, or with
-``ppo.reward_text`` a format string over the prompt row and the answer, such as
-"{response}: {text}" for an encoder trained on "label: tweet") and re-tokenizes it for the
-reward model. Then: score held-out prompts before -> train -> score after -> save the adapter
-(and, with ``merge = true``, a merged standalone model). Checkpoints every ``save_steps``
-batches let a killed run resume, which trl's own loop cannot (see ``resumable``).
+head, and the reward model comes from the reward stage. A reward model that shares the
+policy's tokenizer reads the policy's token ids (``SharedReward``); one with its own vocabulary
+(the course's OPT policy + DeBERTa reward) reads text (``TextReward``): the policy's
+query+response decoded, or with ``ppo.reward_text`` a format string over the prompt row and the
+answer, such as "{response}: {text}" for an encoder trained on "label: tweet", re-tokenized.
+Then: score held-out prompts before -> train -> score after -> save the adapter (and, with
+``merge = true``, a merged standalone model). Checkpoints every ``save_steps`` batches let a
+killed run resume where it stopped.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import json
 import math
 from statistics import mean
 
+from types import SimpleNamespace
+
 import torch
-from datasets import Dataset
+
+from peft import get_peft_model
 from transformers import GenerationConfig
 
 from llmctl import distributed
@@ -28,17 +31,15 @@ from llmctl.data import ChatTemplate, Template, make_template, open_split
 from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import paired_sem
 from llmctl.models import device, load_causal_lm, load_classifier, load_tokenizer, lora_config, \
-    save_model
-from llmctl.progress import console, save_loss_curve, stage_header
-from llmctl.schema import PpoConfig, TrainConfig
+    resolve_precision, save_model
+from llmctl.progress import RichProgress, console, save_loss_curve, stage_header
+from llmctl.schema import PpoConfig
 from llmctl.stages import StageContext
-from llmctl.trainers.ppo import AdaptiveKL, RewardInput, TextReward, resumable
-from llmctl.training import DiscardSuperseded, show_progress, training_args
+from llmctl.trainers.ppo import PPOTrainer, RewardInput, SharedReward, TextReward
+from llmctl.training import require_tracker
 
 
 def run(ctx: StageContext) -> dict:
-    from trl.experimental.ppo import PPOConfig, PPOTrainer  # trl <= 1.12 only (GUIDE §1)
-
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- models -----------------------------------------------------------------------------
@@ -60,7 +61,6 @@ def run(ctx: StageContext) -> dict:
     train_ids = query_ids(train_rows, template, tokenizer, cfg.query_max_length)
     eval_ids = query_ids(eval_rows, template, tokenizer, cfg.query_max_length)
     use_distinct_pad(tokenizer, [*train_ids, *eval_ids], policy, value_model)
-    train_ds = Dataset.from_dict({"input_ids": train_ids})
 
     reward_input = RewardInput(tokenizer, cfg.reward_text,
                                [*zip(train_ids, train_rows), *zip(eval_ids, eval_rows)])
@@ -68,43 +68,45 @@ def run(ctx: StageContext) -> dict:
                              cfg.reward_batch_size)
     shared = shares_tokenizer(tokenizer, reward_tokenizer) and hasattr(reward_model, "score") \
         and not cfg.reward_text
-    trl_reward = reward_model if shared else text_reward
     stage_header("ppo", f"policy {inputs['model']}, reward {inputs['reward_model']} "
                         f"({'shared tokenizer' if shared else 'own tokenizer: re-tokenized text'})")
 
     rewards_before = sampled_rewards(policy, tokenizer, eval_ids, text_reward, cfg, recipe.run.seed)
     stage = ctx.start()
-    args = training_args(
-        shared_train_config(cfg), stage, recipe, args_cls=PPOConfig,
-        per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
-        num_mini_batches=cfg.mini_batches, num_ppo_epochs=cfg.ppo_epochs,
-        total_episodes=cfg.steps * cfg.batch_size * distributed.world_size(),  # batch_size per process
-        response_length=cfg.response_length, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
-        kl_estimator=cfg.kl_estimator, cliprange=cfg.cliprange, vf_coef=cfg.vf_coef,
-        missing_eos_penalty=cfg.missing_eos_penalty, stop_token="eos",
-        local_rollout_forward_batch_size=cfg.batch_size, num_sample_generations=0,
-        lr_scheduler_type="linear", logging_first_step=False,  # trl's PPO defaults
-    )
-    trainer = resumable(PPOTrainer)(
-        args=args, processing_class=tokenizer, model=policy, ref_model=None,
-        reward_model=trl_reward, value_model=value_model, train_dataset=train_ds,
-        peft_config=lora_config(cfg.lora, policy, "ppo.lora"))
-    show_progress(trainer, "ppo")
-    if cfg.kl_target is not None:
-        trainer.add_callback(AdaptiveKL(cfg.kl_target, cfg.kl_horizon, cfg.batch_size))
+    precision = resolve_precision(cfg.precision)
+    require_tracker(cfg.report_to)
+    run_device = device()
+    policy = get_peft_model(policy, lora_config(cfg.lora, policy, "ppo.lora")).to(run_device)
+    trainer = PPOTrainer(cfg, policy, value_model.to(run_device),
+                         SharedReward(reward_model.to(run_device)) if shared else text_reward,
+                         tokenizer, train_ids, recipe.run.seed, precision)
 
     # -- train ------------------------------------------------------------------------------
     checkpoint = stage.last_checkpoint()
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
-    trainer.add_callback(DiscardSuperseded(stage))
-    trainer.train_from(checkpoint)
-    policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
-    rewards_after = sampled_rewards(policy_model, tokenizer, eval_ids, text_reward, cfg,
+    progress = RichProgress("ppo")
+    state = SimpleNamespace(is_world_process_zero=stage.is_main_process, max_steps=cfg.steps,
+                            global_step=0)
+
+    def on_log(metrics: dict) -> None:
+        state.global_step = metrics["step"]
+        progress.on_log(None, state, None, logs=metrics)
+        progress.on_step_end(None, state, None)
+
+    if checkpoint:
+        state.global_step = int(checkpoint.rsplit("-", 1)[-1])
+    progress.on_train_begin(None, state, None)
+    try:
+        log_history = trainer.train(stage.checkpoint_dir, checkpoint, on_log,
+                                    on_save=stage.discard_superseded)
+    finally:
+        progress.on_train_end(None, state, None)
+    rewards_after = sampled_rewards(policy, tokenizer, eval_ids, text_reward, cfg,
                                     recipe.run.seed)
     reward_before, reward_after = mean(rewards_before), mean(rewards_after)
     gain_sem = paired_sem(rewards_before, rewards_after)
-    logs = [h for h in trainer.state.log_history if "objective/scores" in h]
+    logs = [h for h in log_history if "objective/scores" in h]
     kl_last = float(logs[-1]["objective/kl"])
     console.print(f"  held-out prompts: mean reward {reward_before:.3f} before -> "
                   f"{reward_after:.3f} after (gain {reward_after - reward_before:+.3f} "
@@ -119,24 +121,25 @@ def run(ctx: StageContext) -> dict:
     if cfg.merge:
         outputs["model"] = "model"
     if stage.is_main_process:  # under several processes, rank 0 writes
-        save_model(policy_model, tokenizer, stage.path("adapter"))
+        save_model(policy, tokenizer, stage.path("adapter"))
         if cfg.merge:
-            save_model(policy_model.merge_and_unload(), tokenizer, stage.path("model"))
+            save_model(policy.merge_and_unload(), tokenizer, stage.path("model"))
         save_loss_curve([{"step": h["step"], "loss": h["objective/scores"]} for h in logs],
                         stage.path("reward_curve.png"), "ppo: mean reward per batch")
-        stage.path("log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        stage.path("log_history.json").write_text(json.dumps(log_history, indent=1))
+    track(cfg.report_to, stage, recipe, log_history)
     metrics = {
         "reward_mean_first": float(logs[0]["objective/scores"]),
         "reward_mean_last": float(logs[-1]["objective/scores"]),
         "kl_last": kl_last,
-        "kl_coef_last": float(trainer.args.kl_coef),
+        "kl_coef_last": float(trainer.kl.coef),
         "reward_mean_before": reward_before,
         "reward_mean_after": reward_after,
         "reward_gain": reward_after - reward_before,
         "reward_gain_sem": gain_sem,
         "policy_loss_last": float(logs[-1]["loss/policy_avg"]),
         "value_loss_last": float(logs[-1]["loss/value_avg"]),
-        "global_step": trainer.state.global_step,
+        "global_step": trainer.step,
         "world_size": distributed.world_size(),
         "effective_batch_size": cfg.batch_size * distributed.world_size(),
     }
@@ -145,13 +148,30 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def shared_train_config(cfg: PpoConfig) -> TrainConfig:
-    """PPO's table as the Trainer stages' table. It counts PPO batches, not optimizer steps or
-    epochs, and has no scheduler or eval knobs: those keep TrainConfig's defaults, and the PPO
-    arguments proper are passed to ``training_args`` beside it."""
-    return TrainConfig(**cfg.model_dump(include={"data", "batch_size", "grad_accum", "lr",
-                                                 "precision", "logging_steps", "save_steps",
-                                                 "report_to"}))
+def track(report_to: str, stage, recipe, log_history: list[dict]) -> None:
+    """The per-step metrics to the recipe's tracker (rank 0), its files in the stage directory,
+    as the Trainer stages do."""
+    if report_to == "none" or not stage.is_main_process:
+        return
+    run_name = f"{recipe.run.name}-{stage.stage}"
+    if report_to == "wandb":
+        import wandb
+
+        stage.tracking = {"report_to": report_to, "run_name": run_name, "dir": "wandb"}
+        run = wandb.init(name=run_name, dir=str(stage.work_dir))
+        for h in log_history:
+            run.log({k: v for k, v in h.items() if k != "step"}, step=h["step"])
+        run.finish()
+    elif report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        stage.tracking = {"report_to": report_to, "run_name": run_name, "dir": "logs"}
+        writer = SummaryWriter(str(stage.work_dir / "logs"))
+        for h in log_history:
+            for k, v in h.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, h["step"])
+        writer.close()
 
 
 def shares_tokenizer(a, b) -> bool:
@@ -166,9 +186,10 @@ def query_ids(rows: list[dict], template: Template | ChatTemplate, tokenizer,
 
 
 def use_distinct_pad(tokenizer, queries: list[list[int]], *models) -> None:
-    """A pad token that no query contains. trl's PPO masks every pad token out of attention,
-    and chat models often pad with their end-of-turn token, which chat prompts are full of
-    (SmolLM2 pads with <|im_end|>): the policy would be trained on prompts it cannot see."""
+    """A pad token that no query contains. PPO masks every pad token out of attention (trl's
+    rule, kept), and chat models often pad with their end-of-turn token, which chat prompts are
+    full of (SmolLM2 pads with <|im_end|>): the policy would be trained on prompts it cannot
+    see."""
     used = {t for ids in queries for t in ids}
     if tokenizer.pad_token_id not in used:
         return

@@ -134,9 +134,7 @@ def test_decoder_reward_model_from_policy(tmp_path, assets, pretrained_model, ca
 
 
 def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_model):
-    """What trl's PPO gets from llmctl's TextReward is the reward model's score of the text."""
-    from trl.experimental.utils import get_reward
-
+    """What PPO gets from llmctl's TextReward is the reward model's score of the text."""
     from llmctl.evaluation import reward_scores
     from llmctl.models import load_classifier, load_tokenizer
     from llmctl.trainers.ppo import RewardInput, TextReward
@@ -145,14 +143,14 @@ def test_text_reward_equals_reward_model_on_decoded_text(reward_run, pretrained_
     policy_tok = load_tokenizer(str(pretrained_model), padding_side="left")
     reward_tok = load_tokenizer(reward_dir)
     reward_model = load_classifier(reward_dir).eval()
-    wrapper = TextReward(reward_model, reward_tok, RewardInput(policy_tok, None, []), 96, 4)
+    reward = TextReward(reward_model, reward_tok, RewardInput(policy_tok, None, []), 96, 4)
     queries = ["Question: What is 7 plus 5?\n\nAnswer:", "Question: Spell cat backwards.\n\nAnswer:"]
     responses = [" 12.", " I don't care."]
     q = policy_tok(queries, return_tensors="pt", padding=True)["input_ids"]
     r = torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(policy_tok(x)["input_ids"]) for x in responses], batch_first=True,
         padding_value=policy_tok.pad_token_id)
-    _, used, _ = get_reward(wrapper, torch.cat([q, r], 1), policy_tok.pad_token_id, q.shape[1])
+    used = reward(torch.cat([q, r], 1), q.shape[1], policy_tok.pad_token_id)
     direct = reward_scores(reward_model, reward_tok, [a + b for a, b in zip(queries, responses)], 96)
     assert used.tolist() == pytest.approx(direct, abs=1e-5)
     assert abs(direct[0] - direct[1]) > 1e-4  # the texts really are scored differently
@@ -181,7 +179,7 @@ def test_ppo_with_a_different_tokenizer(reward_run, capsys):
 
 
 def test_ppo_with_the_policy_tokenizer(reward_run, tmp_path, capsys, pretrained_model):
-    """A decoder reward model sharing the policy's vocabulary goes to trl unchanged."""
+    """A decoder reward model sharing the policy's vocabulary reads the policy's ids."""
     from llmctl.models import load_classifier, load_tokenizer, save_model
 
     reward_dir = tmp_path / "decoder_reward"
@@ -192,26 +190,6 @@ def test_ppo_with_the_policy_tokenizer(reward_run, tmp_path, capsys, pretrained_
                             "--set", f"ppo.reward_model=\"{reward_dir}\""], capsys)
     assert code == 0, err
     assert manifest(tmp_path / "run" / "ppo")["reward_tokenizer_shared"] is True
-
-
-def test_adaptive_kl_steers_the_coefficient_towards_the_target():
-    """Ziegler et al.: kl_coef grows while the KL is above target, shrinks below, by at most
-    20% of batch/horizon per log."""
-    from types import SimpleNamespace
-
-    from llmctl.trainers.ppo import AdaptiveKL
-
-    controller = AdaptiveKL(target=0.1, horizon=100, batch_size=10)
-    args = SimpleNamespace(kl_coef=0.2)
-    controller.on_log(args, None, None, logs={"objective/kl": 0.11})  # 10% over target
-    assert args.kl_coef == pytest.approx(0.2 * (1 + 0.1 * 10 / 100))
-    controller.on_log(args, None, None, logs={"objective/kl": 5.0})  # far over: clipped at +20%
-    assert args.kl_coef == pytest.approx(0.2 * 1.01 * 1.02)
-    before = args.kl_coef
-    controller.on_log(args, None, None, logs={"objective/kl": 0.0})  # below: clipped at -20%
-    assert args.kl_coef == pytest.approx(before * 0.98)
-    controller.on_log(args, None, None, logs={"loss": 1.0})  # not a PPO log: unchanged
-    assert args.kl_coef == pytest.approx(before * 0.98)
 
 
 def test_held_out_samples_share_the_prompt_pass():
@@ -346,7 +324,7 @@ def test_killed_trainer_stage_resumes_to_the_same_step(reward_run, tmp_path, sta
 
 @pytest.mark.slow
 def test_ppo_runs_in_two_processes(reward_run, tmp_path):
-    """trl's PPO under DDP (2 processes, gloo), with the cross-tokenizer reward."""
+    """PPO under DDP (2 processes, gloo), with the cross-tokenizer reward."""
     args = ["ppo", reward_run, "--run-dir", tmp_path / "run", "--set", "distributed.strategy=\"ddp\"",
             "--set", "distributed.num_processes=2", "--set", "ppo.steps=2",
             "--set", f"ppo.reward_model=\"{reward_run.parent / 'run' / 'reward' / 'model'}\""]
@@ -356,3 +334,17 @@ def test_ppo_runs_in_two_processes(reward_run, tmp_path):
     assert m["metrics"]["global_step"] == 2 and m["reward_tokenizer_shared"] is False
     assert (tmp_path / "run" / "ppo" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / ".partial" / "ppo").exists()
+
+
+def test_rpo_adds_the_chosen_nll_to_the_loss(tmp_path):
+    """dpo.rpo_alpha: trl's sft loss (the chosen answers' NLL) joins the recipe's, so weighted."""
+    from trl import DPOConfig
+
+    from llmctl.schema import DpoConfig
+    from llmctl.stages.dpo import dpo_loss
+
+    assert dpo_loss(DpoConfig(data="p")) == {"loss_type": ["sigmoid"]}
+    rpo = dpo_loss(DpoConfig(data="p", loss_type="ipo", rpo_alpha=0.5))
+    assert rpo == {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **rpo)
+    assert args.loss_type == ["ipo", "sft"] and args.loss_weights == [1.0, 0.5]
