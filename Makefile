@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here,
 # while on a GPU box the same pin resolves to the CUDA wheel from PyPI. Repeating the pin in
 # the second install stops a dependency from swapping torch for another build behind our back.
+# 2.13.0 is the newest CPU build these machines install (2.14.1 on the index is a CUDA 13 build,
+# about 5.5 GB with its nvidia wheels); on a GPU box the same pin is the CUDA build from PyPI.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,openvino,wandb,serve
 # The verified set, so that a new release upstream cannot change what CI and users install
@@ -21,6 +23,13 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIP_CONSTRAINTS) "$(TORCH)"
 	$(BIN)/pip install -q $(PIP_CONSTRAINTS) -e ".[$(EXTRAS)]" "$(TORCH)"
+	@# optimum-intel 2 requires torchvision, whose PyPI wheel is built for the CUDA torch: beside
+	@# a CPU torch its import raises (operator torchvision::nms does not exist), and transformers
+	@# then cannot import AutoProcessor, which optimum-intel imports. Nothing llmctl runs needs
+	@# torchvision (optimum-intel imports it only for vision-language models), so on a CPU torch
+	@# it goes; on a CUDA box it stays.
+	$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+		&& $(BIN)/pip uninstall -q -y torchvision || true
 	touch $@
 
 # After changing a dependency, in a fresh venv: rm -rf .venv; make install CONSTRAINTS=; make constraints

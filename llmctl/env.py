@@ -19,7 +19,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # llmctl shows its own progress
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' stray bars (GGUF conversion, lm-eval)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental
     # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -32,8 +31,11 @@ def quiet_libraries() -> None:
     # torch.jit's TracerWarning, on every OpenVINO export of a Hugging Face decoder.
     warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
     warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # Libraries' deprecation notices are theirs to fix; one that llmctl's own call sets off
+    # (attributed to an llmctl module) stays visible, and is an error in the tests.
+    not_llmctl = r"(?!llmctl(\.|$))"
+    warnings.filterwarnings("ignore", category=FutureWarning, module=not_llmctl)
+    warnings.filterwarnings("ignore", category=UserWarning, module=not_llmctl)
 
 
 def libraries_quieted() -> bool:

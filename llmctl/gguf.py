@@ -29,7 +29,9 @@ from llmctl.errors import UserError
 from llmctl.fingerprint import file_sha256
 
 SOURCE = "gguf_source.json"
-CONVERSION = 2  # bumped when a conversion's output changes: 2, no SentencePiece decoder steps
+# bumped when a conversion's output changes: 2, no SentencePiece decoder steps; 3, the generic
+# tokenizer class (transformers 5)
+CONVERSION = 3
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -115,7 +117,7 @@ def converted(path: str | Path, key: str = "model") -> str:
 def convert(path: Path, meta: dict[str, Any], out_dir: Path) -> None:
     """Weights (dequantized to fp32) and the tokenizer with the metadata's special tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     kwargs = dict(gguf_file=path.name)
     try:
@@ -125,8 +127,13 @@ def convert(path: Path, meta: dict[str, Any], out_dir: Path) -> None:
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"{path}: transformers cannot convert this GGUF "
                         f"({' '.join(str(err).split())[:200]})") from None
+    # transformers 5 names the rebuilt tokenizer by architecture (CodeLlamaTokenizer for
+    # SmolLM2) and, loading it back, rebuilds its pipeline from that class's own recipe
+    # (SentencePiece's Metaspace: every space of a byte-level BPE text became <unk>). The
+    # generic class keeps the pipeline built from the file, as tokenizer.json holds it.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     fix_tokenizer(tokenizer, special_tokens(meta))
-    if meta.get("tokenizer.ggml.model") == "gpt2" and tokenizer.is_fast:
+    if meta.get("tokenizer.ggml.model") == "gpt2":
         byte_level_decoder(tokenizer)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id

@@ -64,7 +64,6 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        save_safetensors=True,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         logging_dir=str(stage.work_dir / "logs"),
         disable_tqdm=True,  # llmctl draws its own rich progress

@@ -1,11 +1,14 @@
-"""DPO step time: llmctl's trainer (LM head on the completion positions only) against trl's
-DPOTrainer, on the real run's setting: SmolLM2-135M-Instruct (the merged SFT model), the
-tweets' preference pairs in the chat template, and the recipe's [dpo] LoRA, batch, learning
-rate, beta, loss and max_length, in bf16.
+"""DPO step time as llmctl's dpo stage runs it, on the real run's setting: SmolLM2-135M-Instruct
+(the merged SFT model), the tweets' preference pairs in the chat template, and the recipe's
+[dpo] LoRA, batch, learning rate, beta, loss and max_length, in bf16.
 
-Rounds alternate (trl, llmctl, trl, ...); each trains ``--steps`` optimizer steps from the
-same start and times the steps after the first ``SKIP``. Prints each round, the medians, and
-llmctl/trl as a speed ratio. Usage (after `make real` has written the run and the datasets):
+trl >= 1.13 computes the LM head only at the positions whose next token is a completion token
+(a fused head over the labelled positions), which llmctl's own DPO trainer did for trl 1.12
+(1.09x trl 1.12's step); the stage now uses trl's DPOTrainer as it is. To compare two
+environments (say before and after a package move), run this script in each, alternating.
+
+Each round trains ``--steps`` optimizer steps from the same start and times the steps after the
+first ``SKIP``. Usage (after `make real` has written the run and the datasets):
 
     python scripts/bench_dpo.py [--model runs/smollm2-tweets/merge/model] [--steps 8] [--rounds 2]
 """
@@ -23,13 +26,13 @@ import time
 
 import torch
 from transformers import TrainerCallback
+import trl
 from trl import DPOConfig, DPOTrainer
 
 from llmctl.data import hf_dataset
 from llmctl.models import load_causal_lm, load_tokenizer, lora_config
 from llmctl.recipe import load_recipe
 from llmctl.stages.dpo import dpo_loss
-from llmctl.trainers.dpo import CompletionHeadDPOTrainer
 
 SKIP = 2  # warm-up steps left out
 
@@ -42,7 +45,7 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def seconds_per_step(trainer_cls, recipe, tokenizer, dataset, args, workdir: str) -> float:
+def seconds_per_step(recipe, tokenizer, dataset, args, workdir: str) -> float:
     cfg = recipe.dpo
     model = load_causal_lm(args.model, recipe.model)
     config = DPOConfig(output_dir=workdir, per_device_train_batch_size=cfg.batch_size,
@@ -51,9 +54,9 @@ def seconds_per_step(trainer_cls, recipe, tokenizer, dataset, args, workdir: str
                        max_steps=args.steps, save_strategy="no", logging_steps=1,
                        disable_tqdm=True, seed=0)
     torch.manual_seed(0)
-    trainer = trainer_cls(model=model, args=config, processing_class=tokenizer,
-                          train_dataset=dataset,
-                          peft_config=lora_config(cfg.lora, model, "dpo.lora"))
+    trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=dataset,
+                         peft_config=lora_config(cfg.lora, model, "dpo.lora"))
     timer = StepTimes()
     trainer.add_callback(timer)
     trainer.train()
@@ -76,16 +79,13 @@ def main() -> None:
         source = recipe.data_source("dpo", recipe.dpo.data)
         dataset = hf_dataset(source, "train", f"data.{recipe.dpo.data}", "preference", workdir)
         dataset = dataset.select(range(min(args.pairs, len(dataset))))
-        results = {"trl DPOTrainer": [], "llmctl": []}
+        results = []
         for round_ in range(args.rounds):
-            for label, cls in (("trl DPOTrainer", DPOTrainer), ("llmctl", CompletionHeadDPOTrainer)):
-                seconds = seconds_per_step(cls, recipe, tokenizer, dataset, args, workdir)
-                results[label].append(seconds)
-                print(f"round {round_ + 1} {label}: {seconds:.3f} s/step", flush=True)
-    trl_s, ours_s = (statistics.median(v) for v in results.values())
-    print(f"median s/step: trl {trl_s:.3f}, llmctl {ours_s:.3f}; "
-          f"llmctl/trl speed {trl_s / ours_s:.2f}x ({args.rounds} rounds of {args.steps} steps, "
-          f"{args.steps - SKIP - 1} timed)")
+            results.append(seconds_per_step(recipe, tokenizer, dataset, args, workdir))
+            print(f"round {round_ + 1}: {results[-1]:.3f} s/step", flush=True)
+    print(f"trl {trl.__version__}, torch {torch.__version__}: median "
+          f"{statistics.median(results):.3f} s/step ({args.rounds} rounds of {args.steps} "
+          f"steps, {args.steps - SKIP - 1} timed)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def test_pickled_weights_are_refused_unless_the_recipe_allows_them(tiny_lm, tmp_
     from llmctl.schema import ModelConfig
 
     model = load_causal_lm(str(tiny_lm))
-    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    # transformers 5 saves safetensors only: write the pickle as older tools and checkpoints do
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
     load_tokenizer(str(tiny_lm)).save_pretrained(tmp_path / "pickled")
     with pytest.raises(UserError, match="pytorch_model.bin|pickle"):
         load_causal_lm(str(tmp_path / "pickled"))

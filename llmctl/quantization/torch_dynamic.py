@@ -37,7 +37,7 @@ class TorchDynamic:
     def load(self, path: Path, settings: dict[str, Any]) -> torch.nn.Module:
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_utils import no_init_weights
+        from transformers.initialization import no_init_weights
 
         config = AutoConfig.from_pretrained(path)
         with no_init_weights():
@@ -57,7 +57,12 @@ class TorchDynamic:
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
         unexpected = sorted(set(state) - set(tensors))
-        missing = sorted(n for n in set(tensors) - set(state) if not _is_tied(model, n))
+        # Non-persistent buffers (rotary inv_freq) are rebuilt from the config, never saved.
+        transient = {f"{prefix}.{b}" if prefix else b
+                     for prefix, module in model.named_modules(remove_duplicate=False)
+                     for b in module._non_persistent_buffers_set}
+        missing = sorted(n for n in set(tensors) - set(state) - transient
+                         if not _is_tied(model, n))
         if unexpected or missing:
             raise UserError(f"{path}/model.safetensors: does not match its config "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

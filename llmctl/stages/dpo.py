@@ -14,6 +14,7 @@ from __future__ import annotations
 
 
 from trl import DPOConfig as TrlDPOConfig
+from trl import DPOTrainer
 
 from llmctl import distributed
 from llmctl.data import hf_dataset, preference_split, preference_template
@@ -22,7 +23,6 @@ from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metric
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
-from llmctl.trainers.dpo import CompletionHeadDPOTrainer
 from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
     save_training_log, schedule_metrics, show_progress, train, training_args
 
@@ -57,9 +57,9 @@ def run(ctx: StageContext) -> dict:
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, "preference", cache)
         eval_ds = capped_eval(hf_dataset(source, "eval", key, "preference", cache), cfg)
-    trainer = CompletionHeadDPOTrainer(model=model, args=args, processing_class=tokenizer,
-                                       train_dataset=train_ds, eval_dataset=eval_ds,
-                                       peft_config=peft_config)
+    # trl >= 1.13 applies the LM head only where the loss reads it (the completion positions)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config)
     show_progress(trainer, "dpo")
     train(trainer, stage)
     after = trainer.evaluate()
