@@ -18,6 +18,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # llmctl shows its own progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers 5's load/save bars
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' stray bars (GGUF conversion, lm-eval)
     # torchao (imported by peft) reports optional CUDA kernels it cannot load on CPU machines.
     for name in ("torchao", "torch.utils._pytree"):

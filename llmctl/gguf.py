@@ -117,21 +117,21 @@ def converted(path: str | Path, key: str = "model") -> str:
 def convert(path: Path, meta: dict[str, Any], out_dir: Path) -> None:
     """Weights (dequantized to fp32) and the tokenizer with the metadata's special tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     kwargs = dict(gguf_file=path.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        # The generic class: transformers 5's AutoTokenizer names a GGUF's tokenizer by
+        # architecture (CodeLlamaTokenizer for SmolLM2), adds that class's own special tokens
+        # and, loaded back, rebuilds its pipeline from the class's recipe (SentencePiece's
+        # Metaspace: every space of a byte-level BPE text became <unk>). This one keeps the
+        # pipeline built from the file, as tokenizer.json holds it.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32,
                                                      **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"{path}: transformers cannot convert this GGUF "
                         f"({' '.join(str(err).split())[:200]})") from None
-    # transformers 5 names the rebuilt tokenizer by architecture (CodeLlamaTokenizer for
-    # SmolLM2) and, loading it back, rebuilds its pipeline from that class's own recipe
-    # (SentencePiece's Metaspace: every space of a byte-level BPE text became <unk>). The
-    # generic class keeps the pipeline built from the file, as tokenizer.json holds it.
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     fix_tokenizer(tokenizer, special_tokens(meta))
     if meta.get("tokenizer.ggml.model") == "gpt2":
         byte_level_decoder(tokenizer)

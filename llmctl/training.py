@@ -17,6 +17,7 @@ from llmctl.progress import RichProgress, console, save_loss_curve
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun
 from llmctl.schema import TrainConfig
+from llmctl.trainers import fused_head
 
 
 def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
@@ -26,6 +27,7 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
     with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker."""
     precision = resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
+    fused_head.compact_on_cpu()
     seed, run_name = recipe.run.seed, f"{recipe.run.name}-{stage.stage}"
     # The tracker's run is named after the stage and keeps its files in the stage directory; the
     # manifest records the name and the tracker records output_dir: each finds the other.

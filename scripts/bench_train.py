@@ -280,7 +280,6 @@ def bench_sft(args) -> dict | None:
         "sft_llmctl_tokens_per_s": round(ours * tokens, 1),
         "sft_llmctl_over_hand_loop_steady": round(ours / hand, 3),
         "sft_step1_loss_hand_llmctl": [round(hand_first, 4), round(m["train_loss_first"], 4)],
-        "sft_llmctl_loss_chunk_tokens": m.get("loss_chunk_tokens"),
     }
 
 

@@ -90,7 +90,7 @@ max_new_tokens = 3
     return recipe
 
 
-def test_sft_learns_assistant_turns_only(tmp_path, assets, chat_model, capsys, monkeypatch):
+def test_sft_learns_assistant_turns_only(tmp_path, assets, chat_model, capsys):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -117,29 +117,12 @@ def test_sft_learns_assistant_turns_only(tmp_path, assets, chat_model, capsys, m
     assert tokenizer.decode(ignored).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(example["input_ids"]) == \
         tokenizer.decode(ignored) + tokenizer.decode(learned)
-    # trl's chunked loss, resized to these short answers, gives the same loss as its 256 rows
-    from trl.trainer import sft_trainer
-
-    from llmctl.stages.sft import fit_loss_chunks
-
-    chunk_sizes, chunked_loss = [], sft_trainer._chunked_cross_entropy_loss
-    monkeypatch.setattr(sft_trainer, "_chunked_cross_entropy_loss", lambda h, w, size, **kw:
-                        chunk_sizes.append(size) or chunked_loss(h, w, size, **kw))
-    batch = next(iter(trainer.get_train_dataloader()))
-    loss_256 = trainer.compute_loss(trainer.model, dict(batch)).item()
-    per_batch = sum(int((row != -100).sum()) for row in batch["labels"])
-    chunk = fit_loss_chunks(trainer, trainer.args.per_device_train_batch_size)
-    assert chunk < 256 and chunk >= min(per_batch, 16)
-    assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(loss_256, rel=1e-5)
-    assert chunk_sizes == [256, chunk]
-    monkeypatch.undo()
     # and the stage itself: label accuracy scored in the same chat rendering
     code, _, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
     m = manifest(tmp_path / "run" / "sft")["metrics"]
     assert m["train_loss_last"] < m["train_loss_first"]
     assert 0 <= m["eval_task_accuracy_after"] <= 1
-    assert 16 <= m["loss_chunk_tokens"] < 256
     generations = [json.loads(line) for line in
                    (tmp_path / "run" / "generate" / "generations.jsonl").read_text().splitlines()]
     assert generations and generations[0]["input"].endswith("<|im_start|>assistant\n")
@@ -238,7 +221,7 @@ def test_ppo_pads_with_a_token_the_prompts_do_not_hold(chat_model):
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     model = AutoModelForCausalLM.from_pretrained(chat_model)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}],
-                                        add_generation_prompt=True)
+                                        add_generation_prompt=True)["input_ids"]
     assert tokenizer.pad_token_id in ids
     use_distinct_pad(tokenizer, [ids], model)
     assert tokenizer.pad_token_id not in ids and tokenizer.pad_token_id != tokenizer.eos_token_id

@@ -75,7 +75,6 @@ def run(ctx: StageContext) -> dict:
                          processing_class=tokenizer, peft_config=peft_config)
     if cfg.fp32_norms_and_head:
         keep_head_output_fp32(trainer.model)
-    head_chunk = fit_loss_chunks(trainer, cfg.batch_size) if completion_only else None
     show_progress(trainer, "sft", cfg.batch_size * cfg.grad_accum * cfg.seq_len)
     meter = ThroughputMeter()
     trainer.add_callback(meter)
@@ -106,8 +105,6 @@ def run(ctx: StageContext) -> dict:
         / result.metrics["train_runtime"],
         **batch_metrics(cfg), **schedule_metrics(trainer),
     }
-    if head_chunk:
-        metrics["loss_chunk_tokens"] = head_chunk
     if meter.steps_per_second():  # after warm-up, as pretrain's tokens_per_second_steady
         metrics["steps_per_second_steady"] = meter.steps_per_second()
     if labels:
@@ -150,32 +147,6 @@ def load_base_model(path: str, recipe: Recipe, cfg: SftConfig):
     elif cfg.gradient_checkpointing and cfg.method == "lora":
         model.enable_input_require_grads()  # adapters need grads flowing into checkpointed blocks
     return model
-
-
-def fit_loss_chunks(trainer: SFTTrainer, batch_size: int) -> int | None:
-    """Size trl's chunked loss to the completions this run trains on; returns the chunk size.
-
-    Why: trl's default loss (``chunked_nll``) applies the LM head to the loss positions in
-    chunks of 256 rows, padding the last chunk, and recomputes each chunk in backward. A
-    completion-only batch of short answers (a sentiment label: about 3 tokens a row, 24 a batch)
-    then pays for 256 rows of a 49k-vocabulary head twice, about 6% of a SmolLM2-135M LoRA step
-    on CPU (scripts/bench_train.py). The chunk is the 90th-percentile loss-token count of a
-    batch, rounded up to a power of two, within 16..256 (trl's own size stays the maximum).
-    """
-    from trl.trainer import sft_trainer
-
-    if trainer.args.loss_type != "chunked_nll":
-        return None
-    labels = trainer.train_dataset.select(range(min(len(trainer.train_dataset), 512)))["labels"]
-    per_row = sorted(sum(token != -100 for token in row) for row in labels)
-    per_batch = batch_size * per_row[int(0.9 * (len(per_row) - 1))]
-    chunk = min(sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE, max(16, 1 << (per_batch - 1).bit_length()))
-    model = trainer.model
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Re-patching wraps trl's patched forward: with labels the new chunk size applies; without
-    # labels (generation, scoring) both fall through to the model's own forward.
-    sft_trainer._patch_chunked_ce_lm_head(target, chunk_size=chunk)
-    return chunk
 
 
 def keep_head_output_fp32(model) -> None:
