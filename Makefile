@@ -34,7 +34,8 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 
 # After changing a dependency, in a fresh venv: rm -rf .venv; make install CONSTRAINTS=; make constraints
 constraints:
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
+	{ sed -n '/^#/p' constraints.txt; { $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; \
+	  $(BIN)/pip list --format=freeze 2>/dev/null | grep -q '^torchvision==' || echo "torchvision==0.28.0"; } | sort -f; } > constraints.new
 	mv constraints.new constraints.txt
 
 demo: install
