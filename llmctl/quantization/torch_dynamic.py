@@ -3,7 +3,6 @@ quantized on the fly), saved as plain int8 tensors and scales in safetensors."""
 
 from __future__ import annotations
 
-
 import copy
 import warnings
 from pathlib import Path
