@@ -53,12 +53,22 @@ def test_smollm2_converts_with_the_files_special_tokens(real):
     assert tokenizer("Hello")["input_ids"][0] != tokenizer.convert_tokens_to_ids("<|im_start|>")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    # Greedy answers as transformers 4.57.6 gave them from the same file (before the move to
+    # transformers 5, whose own GGUF tokenizer rebuild turned every space into <unk>).
+    for prompt, answer in BEFORE_THE_MOVE.items():
+        batch = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                              add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)
+        out = model.generate(**batch, max_new_tokens=40, do_sample=False)
+        assert tokenizer.decode(out[0, batch["input_ids"].shape[1]:],
+                                skip_special_tokens=True) == answer, prompt
+
+
+BEFORE_THE_MOVE = {
+    "What is the capital of France?": "The capital of France is Paris.",
+    "Write a haiku about the sea.": "The waves of the sea, a silent beauty,\nA gentle lapping of the shore,\nA reminder of the beauty that lies beneath,\nA reminder of the ocean's power.",
+    "Classify the sentiment: I love this phone!": "I love this phone!"
+}
 
 
 SMALL = {  # every stage of the real recipe, a few steps or rows each
