@@ -74,9 +74,14 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def check_supported(backend_name: str) -> None:
-    """Exit 2 before any work for a backend this machine or install cannot run."""
-    backend(backend_name).check()
+def check_supported(backend_name: str, model: str | None = None, key: str = "quantize.model"
+                    ) -> None:
+    """Exit 2 before any work for a backend this machine or install cannot run, or (given the
+    local ``model``) cannot quantize that model's family."""
+    chosen = backend(backend_name)
+    chosen.check()
+    if model is not None and hasattr(chosen, "check_model"):
+        chosen.check_model(model, key)
 
 
 def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ PT2E)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,50 @@ class OpenVino:
         except ImportError:
             raise UserError("quantize.backend: \"openvino\" needs optimum-intel: "
                             "pip install 'llmctl[openvino]'") from None
+
+    def check_model(self, path: str, key: str) -> None:
+        """Exit 2 when optimum-intel cannot export this local model's family to OpenVINO IR for
+        text generation: no export config for its ``model_type`` (optimum-intel 2.2: ministral3,
+        mistral4), or one whose transformers version bounds exclude the installed transformers
+        (2.2: qwen3_5_text up to 5.2, gemma4_text 5.5 and at most 5.0)."""
+        from llmctl.models import adapter_base, is_adapter_dir
+
+        if is_adapter_dir(path):
+            path = adapter_base(path)
+        config = Path(path) / "config.json"
+        if not config.is_file():
+            return  # a hub id or a .gguf file: the export itself says what it cannot do
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # check_loadable names a broken config
+        if not model_type:
+            return
+        import importlib.metadata
+
+        import optimum.exporters.openvino.model_configs  # noqa: F401  (registers the configs)
+        import transformers
+        from optimum.exporters.tasks import TasksManager
+        from packaging.version import Version
+
+        intel = f"optimum-intel {importlib.metadata.version('optimum-intel')}"
+        try:
+            export = TasksManager.get_exporter_config_constructor(
+                exporter="openvino", model_type=model_type, task="text-generation-with-past",
+                library_name="transformers")
+        except (KeyError, ValueError):
+            raise UserError(f"{key}: {path} is a {model_type} model, which {intel} cannot "
+                            f"export to OpenVINO (no export config for text generation); use "
+                            f"backend = \"torch\" or \"inc\"") from None
+        export = getattr(export, "func", export)  # a partial over the config class
+        low, high = (getattr(export, f"{b}_TRANSFORMERS_VERSION", None) for b in ("MIN", "MAX"))
+        installed = Version(transformers.__version__)
+        if (low and installed < Version(str(low))) or (high and installed > Version(str(high))):
+            bounds = " and ".join(f"{op} {str(v).replace('.99', '.*')}" for op, v in
+                                  ((">=", low), ("<=", high)) if v)
+            raise UserError(f"{key}: {path} is a {model_type} model, which {intel} exports to "
+                            f"OpenVINO only with transformers {bounds} (installed: "
+                            f"{transformers.__version__}); use backend = \"torch\" or \"inc\"")
 
     def ladder(self, cfg, base: dict[str, Any], model) -> list[dict[str, Any]]:
         """INT4 on a shrinking share of layers (the rest INT8), then INT8 everywhere; static

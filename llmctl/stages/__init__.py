@@ -177,10 +177,13 @@ def _check_rewards(recipe: "Recipe", cfg: schema.GroupRLConfig, stage: str) -> N
 
 
 def _check_quantize(recipe: "Recipe", cfg: schema.QuantizeConfig) -> None:
+    from pathlib import Path
+
     from llmctl.evaluation import check_tasks
     from llmctl.quantization import check_supported
 
-    check_supported(cfg.backend)
+    model = _quantize_inputs(recipe, cfg)["model"]  # checked when it exists (not yet in a run)
+    check_supported(cfg.backend, model if Path(model).exists() else None)
     if cfg.task:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
