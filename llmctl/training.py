@@ -38,6 +38,7 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
         os.environ["WANDB_NAME"] = run_name
         stage.tracking["dir"] = "wandb"
     elif cfg.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage.work_dir / "logs")  # transformers 5
         stage.tracking["dir"] = "logs"
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
@@ -67,7 +68,6 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        logging_dir=str(stage.work_dir / "logs"),
         disable_tqdm=True,  # llmctl draws its own rich progress
         dataloader_drop_last=cfg.dataloader_drop_last,
         dataloader_num_workers=0,

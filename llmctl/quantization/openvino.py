@@ -207,20 +207,22 @@ def genai_generate(model, input_ids: torch.Tensor, config) -> list[list[int]] | 
     gen = pipeline.get_generation_config()
     gen.max_new_tokens = config.max_new_tokens
     gen.ignore_eos = forced
-    gen.num_beams = config.num_beams
-    gen.num_return_sequences = config.num_return_sequences
     gen.do_sample = bool(config.do_sample)
+    # transformers 5 leaves a setting None unless it was given: then openvino-genai's own
+    # default stays (the same values: one beam and sequence, no penalties, top-k off)
+    settings = {"num_beams": config.num_beams,
+                "num_return_sequences": config.num_return_sequences,
+                "repetition_penalty": config.repetition_penalty,
+                "length_penalty": config.length_penalty,
+                "no_repeat_ngram_size": config.no_repeat_ngram_size or None,
+                "eos_token_id": config.eos_token_id}
     if config.do_sample:
-        gen.temperature = config.temperature
-        gen.top_p = config.top_p
-        if config.top_k:  # transformers: 0 = off; openvino-genai's default is off
-            gen.top_k = config.top_k
+        settings.update(temperature=config.temperature, top_p=config.top_p,
+                        top_k=config.top_k or None)  # transformers: 0 = off
         gen.rng_seed = torch.initial_seed() % 2**32  # the stage's seed, as torch sampling has
-    gen.repetition_penalty = config.repetition_penalty
-    gen.length_penalty = config.length_penalty
-    gen.no_repeat_ngram_size = config.no_repeat_ngram_size or gen.no_repeat_ngram_size
-    if config.eos_token_id is not None:
-        gen.eos_token_id = config.eos_token_id
+    for name, value in settings.items():
+        if value is not None:
+            setattr(gen, name, value)
     if config.stop_strings:
         gen.stop_strings = set(config.stop_strings)
     ids = input_ids.cpu().numpy()

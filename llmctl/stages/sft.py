@@ -73,6 +73,14 @@ def run(ctx: StageContext) -> dict:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
+    # trl drops a completion-only row whose prompt alone fills max_length (nothing to learn)
+    dropped = 0 if cfg.packing else len(train_ds) - len(trainer.train_dataset)
+    if dropped == len(train_ds):
+        raise UserError(f"{recipe.source}: sft.seq_len: every {key} training row's prompt fills "
+                        f"{cfg.seq_len} tokens, leaving no answer token to learn; raise it")
+    if dropped:
+        console.print(f"  [yellow]{dropped:,} of {len(train_ds):,} training rows dropped: their "
+                      f"prompt fills sft.seq_len ({cfg.seq_len} tokens)[/yellow]")
     if cfg.fp32_norms_and_head:
         keep_head_output_fp32(trainer.model)
     show_progress(trainer, "sft", cfg.batch_size * cfg.grad_accum * cfg.seq_len)

@@ -92,6 +92,16 @@ def test_bad_target_module(tmp_path, assets, pretrained_model, capsys):
     assert "sft.lora.target_modules: no module 'c_attn'" in err and "q_proj" in err
 
 
+def test_prompts_longer_than_seq_len(tmp_path, assets, pretrained_model, capsys):
+    """trl drops a row whose prompt fills max_length; all of them dropped is the recipe's error."""
+    recipe = sft_recipe(tmp_path, assets, pretrained_model)
+    code, out, err = run_cli(["sft", recipe, "--set", "sft.seq_len=8", "--set", "sft.packing=false"],
+                             capsys)
+    assert code == 2, out[-3000:] + err
+    assert "error: " in err and "sft.seq_len: every data.sentiment training row's prompt fills 8 tokens" in err
+    assert not (tmp_path / "run" / "sft" / "manifest.json").exists()
+
+
 def test_missing_template_field(tmp_path, assets, pretrained_model, capsys):
     recipe = sft_recipe(tmp_path, assets, pretrained_model)
     code, _, err = run_cli(["sft", recipe, "--set", "data.sentiment.template=\"qa\""], capsys)
