@@ -57,7 +57,7 @@ class RichProgress(TrainerCallback):
             return
         if "loss" in logs:
             self.fields["loss"] = f"loss {logs['loss']:.4f}"
-        if "objective/scores" in logs:  # trl's PPO: reward, KL to the reference, losses
+        if "objective/scores" in logs:  # PPO (trl 1.12's log keys): reward, KL, losses
             self.fields["loss"] = (f"reward {logs['objective/scores']:.3f} "
                                    f"kl {logs['objective/kl']:.3f} "
                                    f"policy {logs['loss/policy_avg']:.3f} "
