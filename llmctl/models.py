@@ -386,8 +386,11 @@ def lora_config(cfg: LoraConfig, model, key: str, task_type: str = "CAUSAL_LM"):
 
     model_type = model.config.model_type
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if type(module).__name__ in ("Linear", "Conv1D")})
+
+    def linear() -> str:  # for the error messages only
+        return ", ".join(sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                 if type(module).__name__ in ("Linear", "Conv1D")}))
+
     targets = cfg.target_modules or DEFAULT_TARGETS.get(model_type)
     if not targets and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
         # peft has no default for this family (qwen3_5_text, gemma4_text, ministral3, smollm3
@@ -396,11 +399,11 @@ def lora_config(cfg: LoraConfig, model, key: str, task_type: str = "CAUSAL_LM"):
             targets = ["q_proj", "v_proj"]
         else:
             raise UserError(f"{key}.target_modules: no default for {model_type} models; name "
-                            f"the modules to adapt (linear layers: {', '.join(linear)})")
+                            f"the modules to adapt (linear layers: {linear()})")
     if targets:
         for target in targets:
             if target not in leaf_names:
                 raise UserError(f"{key}.target_modules: no module '{target}' in this "
-                                f"{model_type} model (linear layers: {', '.join(linear)})")
+                                f"{model_type} model (linear layers: {linear()})")
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
                           target_modules=targets, task_type=task_type)

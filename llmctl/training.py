@@ -28,18 +28,15 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
     precision = resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
     fused_head.compact_on_cpu()
-    seed, run_name = recipe.run.seed, f"{recipe.run.name}-{stage.stage}"
-    # The tracker's run is named after the stage and keeps its files in the stage directory; the
-    # manifest records the name and the tracker records output_dir: each finds the other.
+    seed = recipe.run.seed
+    stage.tracking = tracker_run(cfg.report_to, stage, recipe)
+    run_name = stage.tracking["run_name"]
     # Credentials stay in the environment (wandb reads WANDB_API_KEY itself), never in files.
-    stage.tracking = {"report_to": cfg.report_to, "run_name": run_name}
     if cfg.report_to == "wandb":
         os.environ["WANDB_DIR"] = str(stage.work_dir)
         os.environ["WANDB_NAME"] = run_name
-        stage.tracking["dir"] = "wandb"
     elif cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage.work_dir / "logs")  # transformers 5
-        stage.tracking["dir"] = "logs"
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
         output_dir=str(stage.checkpoint_dir),
@@ -81,6 +78,19 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
     os.environ["ACCELERATE_MIXED_PRECISION"] = {"bf16": "bf16", "fp16": "fp16"}.get(precision,
                                                                                     "no")
     return args_cls(**kwargs)
+
+
+def tracker_run(report_to: str, stage: StageRun, recipe: Recipe) -> dict[str, str]:
+    """What the manifest records of a stage's tracker run: it is named after the stage and keeps
+    its files in the stage directory (``dir``); the tracker records the output directory, so
+    each finds the other."""
+    tracking = {"report_to": report_to, "run_name": f"{recipe.run.name}-{stage.stage}"}
+    if report_to in TRACKER_DIRS:
+        tracking["dir"] = TRACKER_DIRS[report_to]
+    return tracking
+
+
+TRACKER_DIRS = {"wandb": "wandb", "tensorboard": "logs"}
 
 
 def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:

@@ -36,7 +36,7 @@ from llmctl.progress import RichProgress, console, save_loss_curve, stage_header
 from llmctl.schema import PpoConfig
 from llmctl.stages import StageContext
 from llmctl.trainers.ppo import PPOTrainer, RewardInput, SharedReward, TextReward
-from llmctl.training import require_tracker
+from llmctl.training import require_tracker, tracker_run
 
 
 def run(ctx: StageContext) -> dict:
@@ -153,11 +153,11 @@ def track(report_to: str, stage, recipe, log_history: list[dict]) -> None:
     as the Trainer stages do."""
     if report_to == "none" or not stage.is_main_process:
         return
-    run_name = f"{recipe.run.name}-{stage.stage}"
+    stage.tracking = tracker_run(report_to, stage, recipe)
+    run_name, files = stage.tracking["run_name"], str(stage.work_dir / stage.tracking["dir"])
     if report_to == "wandb":
         import wandb
 
-        stage.tracking = {"report_to": report_to, "run_name": run_name, "dir": "wandb"}
         run = wandb.init(name=run_name, dir=str(stage.work_dir))
         for h in log_history:
             run.log({k: v for k, v in h.items() if k != "step"}, step=h["step"])
@@ -165,8 +165,7 @@ def track(report_to: str, stage, recipe, log_history: list[dict]) -> None:
     elif report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        stage.tracking = {"report_to": report_to, "run_name": run_name, "dir": "logs"}
-        writer = SummaryWriter(str(stage.work_dir / "logs"))
+        writer = SummaryWriter(files)
         for h in log_history:
             for k, v in h.items():
                 if k != "step" and isinstance(v, (int, float)):
