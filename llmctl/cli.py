@@ -118,7 +118,7 @@ def _stage_command(stage: str):
 
 
 for _spec in REGISTRY:
-    if _spec.name != "generate":  # its own command below: prompts and output options
+    if not _spec.own_command:  # generate's is below: prompts and output options
         app.command(_spec.name, help=_spec.help)(_stage_command(_spec.name))
 
 

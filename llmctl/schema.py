@@ -581,11 +581,15 @@ def _quantize_backend(raw: Any) -> str:
     return raw.get("backend", "inc") if isinstance(raw, dict) else raw.backend
 
 
+# Tables whose type is picked by one of their keys: table -> that key's value in a raw table.
+TAGGED_TABLES = {"quantize": _quantize_backend}
+
+
 def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
     """Which member of a tagged union the raw table under ``key`` is: [quantize]'s
     ``backend`` (default "inc"), a grpo.rewards item's ``kind``."""
-    if key == "quantize":
-        return _quantize_backend(table)
+    if key in TAGGED_TABLES:
+        return TAGGED_TABLES[key](table)
     return table.get("kind") if isinstance(key, int) else None
 
 

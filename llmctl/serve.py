@@ -713,7 +713,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) -> None:
     import uvicorn
 
-    from llmctl.models import check_loadable, device, load_causal_lm, load_tokenizer, model_dir
+    from llmctl.models import check_loadable, device, load_tokenizer, model_dir
+    from llmctl.quantization import load_model
     from llmctl.quantization.openvino import has_genai_files
 
     path, name = resolve_model(recipe, model)
@@ -725,7 +726,7 @@ def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) 
     if has_genai_files(directory):
         engine: Engine = GenaiEngine(directory, tokenizer, name, max_batch)
     else:
-        engine = TransformersEngine(load_causal_lm(path, recipe.model).to(device()).eval(),
+        engine = TransformersEngine(load_model(path, recipe.model).to(device()).eval(),
                                     tokenizer, name, max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -28,14 +28,15 @@ from typing import Any, Protocol
 import torch
 
 from llmctl.errors import UserError
+from llmctl.paths import QUANTIZED_MARKER, is_quantized_dir
 from llmctl.quantization.common import Calibration, decline_openvino_telemetry
 
-MARKER = "quantization.json"
+MARKER = QUANTIZED_MARKER
 CALIBRATED_METHODS = ("gptq", "awq", "static")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 __all__ = ["MARKER", "CALIBRATED_METHODS", "Backend", "Calibration", "check_supported",
-           "decline_openvino_telemetry", "is_quantized_dir", "load", "quantize", "save",
+           "decline_openvino_telemetry", "is_quantized_dir", "load", "load_model", "quantize", "save",
            "tensor_bytes", "trial_settings", "weight_bytes"]
 
 
@@ -70,10 +71,6 @@ def backend(name: str) -> Backend:
     return backends[name]
 
 
-def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
-
-
 def check_supported(backend_name: str, model: str | None = None, key: str = "quantize.model"
                     ) -> None:
     """Exit 2 before any work for a backend this machine or install cannot run, or (given the
@@ -103,6 +100,15 @@ def save(qmodel, settings: dict[str, Any], out_dir: Path, tokenizer) -> None:
     backend(settings["backend"]).save(qmodel, out_dir, tokenizer)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_model(path: str, model_cfg=None):
+    """Any model generate, bench and serve are given: a quantize stage's output by its
+    backend, anything else (a directory, an adapter, a hub id, a .gguf file) by transformers."""
+    from llmctl.models import load_causal_lm, model_dir
+
+    path = model_dir(path)
+    return load(path) if is_quantized_dir(path) else load_causal_lm(path, model_cfg)
 
 
 def load(path: str | Path):

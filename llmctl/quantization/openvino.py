@@ -15,6 +15,7 @@ import torch
 
 from llmctl.env import quiet_nncf
 from llmctl.errors import UserError
+from llmctl.paths import adapter_base, is_adapter_dir
 from llmctl.quantization.common import decline_openvino_telemetry
 
 
@@ -32,8 +33,6 @@ class OpenVino:
         text generation: no export config for its ``model_type`` (optimum-intel 2.2: ministral3,
         mistral4), or one whose transformers version bounds exclude the installed transformers
         (2.2: qwen3_5_text up to 5.2, gemma4_text 5.5 and at most 5.0)."""
-        from llmctl.models import adapter_base, is_adapter_dir
-
         if is_adapter_dir(path):
             path = adapter_base(path)
         config = Path(path) / "config.json"

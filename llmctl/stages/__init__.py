@@ -40,6 +40,11 @@ class StageSpec:
     trains: bool = False  # Trainer-based: launched once per process, resumable, tracked
     feeds_training: bool = True  # later stages train from its model (not so a quantized one)
     reads_data: bool = False  # its table's `data` names a required [data.<name>] source
+    # its table's keys that name [data.<name>] sources (read, hashed and checked before it runs)
+    data_keys: tuple[str, ...] = ("data",)
+    # inputs loaded as sequence classifiers, by name or name prefix (reward_model, reward_model_2)
+    classifier_inputs: tuple[str, ...] = ()
+    own_command: bool = False  # cli.py writes its command (options beyond the recipe's)
     check: Callable[["Recipe", Any], None] | None = None  # static checks for preflight
     summary: tuple[str, ...] = ()  # metrics `llmctl demo` shows in its summary table
 
@@ -68,9 +73,12 @@ class StageContext:
 
 
 def _pretrain_inputs(recipe: "Recipe", cfg: schema.PretrainConfig) -> dict[str, str]:
+    inputs = {}
     if cfg.init == "pretrained":
-        return {"model": cfg.model or recipe.base_model("pretrain.model")}
-    return {}
+        inputs["model"] = cfg.model or recipe.base_model("pretrain.model")
+    if cfg.tokenizer or recipe.model.tokenizer:  # else the model's own
+        inputs["tokenizer"] = cfg.tokenizer or recipe.model.tokenizer
+    return inputs
 
 
 def _sft_inputs(recipe: "Recipe", cfg: schema.SftConfig) -> dict[str, str]:
@@ -214,6 +222,7 @@ REGISTRY: tuple[StageSpec, ...] = (
               summary=("max_abs_logit_diff",)),
     StageSpec("reward", "Train a reward model on chosen/rejected pairs.",
               schema.RewardConfig, _reward_inputs, trains=True, reads_data=True,
+              classifier_inputs=("model",),
               summary=("eval_accuracy", "eval_reward_margin")),
     StageSpec("dpo", "Direct preference optimisation on chosen/rejected pairs.",
               schema.DpoConfig, _policy_inputs, model_output=_adapter_unless_full,
@@ -223,21 +232,23 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("grpo", "RL with verifiable rewards or reward models: trl's GRPO.",
               schema.GrpoConfig, _group_rl_inputs, model_output=_adapter_unless_full,
               trains=True, reads_data=True, check=_rewards_check("grpo"),
+              classifier_inputs=("reward_model",),
               summary=GROUP_RL_SUMMARY),
     StageSpec("rloo", "RL with verifiable rewards or reward models: trl's RLOO "
                       "(REINFORCE leave-one-out).",
               schema.RlooConfig, _group_rl_inputs, model_output=_adapter_unless_full,
               trains=True, reads_data=True, check=_rewards_check("rloo"),
+              classifier_inputs=("reward_model",),
               summary=GROUP_RL_SUMMARY),
     StageSpec("ppo", "RLHF: optimise the policy against the reward model with PPO.",
               schema.PpoConfig, _ppo_inputs,
               model_output=lambda cfg: "model" if cfg.merge else "adapter",
-              trains=True, reads_data=True, check=_check_ppo,
+              trains=True, reads_data=True, check=_check_ppo, classifier_inputs=("reward_model",),
               summary=("reward_mean_before", "reward_mean_after", "reward_gain",
                        "reward_gain_sem", "kl_last")),
     StageSpec("quantize", "Quantize a model (neural-compressor, OpenVINO, bitsandbytes).",
               schema.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
-              feeds_training=False, check=_check_quantize,
+              feeds_training=False, check=_check_quantize, data_keys=("data", "calibration"),
               summary=("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
                        "relative_loss", "accepted")),
     StageSpec("bench", "Benchmark a model: lm-eval tasks, perplexity, latency.",
@@ -247,7 +258,8 @@ REGISTRY: tuple[StageSpec, ...] = (
                        "quantize/demo_sentiment.acc", "perplexity", "quantize/perplexity",
                        "quantize/speedup_greedy_b1", "quantize/speedup_beam4_b1")),
     StageSpec("generate", "Generate text with any stage's model.",
-              schema.GenerateConfig, _generate_inputs, summary=("num_prompts", "tokens_per_second")),
+              schema.GenerateConfig, _generate_inputs, own_command=True,
+              summary=("num_prompts", "tokens_per_second")),
 )
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in REGISTRY}

@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> dict:
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- setup ------------------------------------------------------------------------------
-    tokenizer_path = cfg.tokenizer or recipe.model.tokenizer or inputs.get("model") \
+    tokenizer_path = inputs.get("tokenizer") or inputs.get("model") \
         or recipe.model.name_or_path
     if not tokenizer_path:
         raise UserError(f"{recipe.source}: pretrain.tokenizer: missing (and no model.tokenizer "

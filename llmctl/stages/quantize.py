@@ -18,7 +18,8 @@ from llmctl import quantization
 from llmctl.data import heldout_blocks, token_blocks
 from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
-from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
+from llmctl.paths import is_adapter_dir
+from llmctl.models import load_causal_lm, load_tokenizer, save_model
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.schema import QuantizeConfig
