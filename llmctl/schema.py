@@ -180,16 +180,23 @@ class LoraConfig(Section):
                                              "None: a per-architecture default")
 
 
-class SftConfig(TrainConfig):
+class PolicyTrainConfig(TrainConfig):
+    """What the stages that tune a causal LM policy share (sft, dpo, grpo, rloo)."""
+
     eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
                                 "is scored on before and after (when the answers are a few "
                                 "labels)")
+    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
+                                            "fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the LoRA adapter (unused "
+                             "with method = \"full\")")
+
+
+class SftConfig(PolicyTrainConfig):
     model: str | None = Field(None, description="the model to tune; default: upstream "
                               "pretrain output, else model.name_or_path")
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="lora, qlora (LoRA on a 4-bit NF4 base; CUDA) or full fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\" or \"qlora\")")
     seq_len: int = Field(1024, ge=2, description="maximum tokens per training sequence (the "
                          "block length when packing)")
     packing: bool = Field(True, description="pack examples into full seq_len blocks, else one "
@@ -298,20 +305,16 @@ def _names_response(text: str | None) -> str | None:
     return text
 
 
-class DpoConfig(TrainConfig):
-    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
-                                "is scored on before and after (when the answers are a few "
-                                "labels)")
+class DpoConfig(PolicyTrainConfig):
     model: str | None = Field(None, description="the policy to tune; default: the upstream "
                               "merge/sft model")
-    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
-                                            "fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\")")
     beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the policy is held to "
                         "the reference (higher: closer)")
-    loss_type: str = Field("sigmoid", description="trl's DPO loss name: sigmoid, ipo, hinge, "
-                           "robust, ...")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                       "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                       "sigmoid_norm"] = Field(
+        "sigmoid", description="trl's DPO loss (sigmoid is the DPO paper's; ipo, hinge, "
+                               "robust, ...)")
     rpo_alpha: float | None = Field(None, gt=0, description="adds the chosen answers' NLL, this "
                                     "weighted, to the loss (RPO): the policy keeps saying them "
                                     "instead of only ranking them higher")
@@ -406,18 +409,11 @@ GrpoReward = Annotated[Union[LabelMatchReward, RegexReward, LengthReward, ModelR
                              FunctionReward], Field(discriminator="kind")]
 
 
-class GroupRLConfig(TrainConfig):
+class GroupRLConfig(PolicyTrainConfig):
     """Online RL on groups of sampled completions per prompt, scored by verifiable rewards
     and/or reward models (GRPO, RLOO): what both stages' tables share."""
 
     model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
-    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
-                                "is scored on before and after (when the answers are a few "
-                                "labels)")
-    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
-                                            "fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\")")
     rewards: list[GrpoReward] = Field(..., min_length=1, description="the rewards, weighted "
                                       "and summed")
     num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")

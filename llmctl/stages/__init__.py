@@ -63,6 +63,10 @@ class StageContext:
     cfg: Any
     inputs: dict[str, str] = field(default_factory=dict)
 
+    def model_output(self) -> str:
+        """The directory ("model" or "adapter") its model is saved in."""
+        return STAGES[self.name].model_output(self.cfg)
+
     def start(self) -> "StageRun":
         from llmctl.rundir import StageRun
 
