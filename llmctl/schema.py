@@ -9,10 +9,9 @@ dotted key (``llmctl.recipe.validate``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # transformers' SchedulerType values (tests check the two agree).
@@ -471,7 +470,11 @@ class MergeConfig(Section):
 
 class QuantizeCommon(Section):
     """Post-training quantization with an accuracy criterion (see llmctl.quantization): what
-    every backend shares. Each backend's table adds its own methods and fields below."""
+    every backend shares. Each backend's table (in its module under llmctl/quantization/) adds
+    its ``backend`` and ``method`` literals and its own fields."""
+
+    # method -> what to say when a recipe asks this backend for a method it lacks
+    method_hints: ClassVar[dict[str, str]] = {}
 
     model: str | None = Field(None, description="a stage (\"dpo\") or a model path; default: the "
                               "last trained model (ppo > rloo > grpo > dpo > merge > sft > pretrain)")
@@ -504,10 +507,10 @@ class QuantizeCommon(Section):
         # Before field validation, to say which backend lacks the method (and what to use).
         methods = get_args(cls.model_fields["method"].annotation)
         if isinstance(raw, dict) and raw.get("method", methods[0]) not in methods:
-            backend = _quantize_backend(raw)
+            backend = quantize_backend(raw)
             raise ValueError(f"method: {raw['method']!r} is not a method of backend "
                              f"\"{backend}\" (methods: {', '.join(methods)})"
-                             + (INC_INT8_HINT if raw["method"] in ("dynamic", "static") else ""))
+                             + cls.method_hints.get(raw["method"], ""))
         return raw
 
     @model_validator(mode="after")
@@ -523,62 +526,15 @@ class QuantizeCommon(Section):
                                                     "sym") if key in type(self).model_fields}
 
 
-class IncQuantize(QuantizeCommon):
-    """Intel neural-compressor weight-only quantization (INT4/INT8 groups)."""
-
-    backend: Literal["inc"] = Field("inc", description="the quantization backend (the default)")
-    method: Literal["rtn", "gptq", "awq"] = Field(
-        "rtn", description="round-to-nearest, or GPTQ / AWQ (calibrated)")
-    bits: Literal[4, 8] = Field(4, description="weight bits")
-    group_size: int = Field(128, ge=-1, description="-1: one group per output channel")
-    sym: bool = Field(True, description="symmetric quantization (no zero point)")
+DEFAULT_QUANTIZE_BACKEND = "inc"
 
 
-
-class TorchQuantize(QuantizeCommon):
-    """PyTorch dynamic INT8: int8 weights per output channel, activations quantized on the fly."""
-
-    backend: Literal["torch"] = Field(..., description="the quantization backend")
-    method: Literal["dynamic"] = Field("dynamic", description="dynamic INT8 (the only method)")
-    bits: Literal[8] = Field(8, description="weight bits (INT8 only)")
-
-
-class OpenVinoQuantize(QuantizeCommon):
-    """OpenVINO through optimum-intel/NNCF: weight-only INT4/INT8, or static INT8."""
-
-    backend: Literal["openvino"] = Field(..., description="the quantization backend")
-    method: Literal["weight", "static"] = Field(
-        "weight", description="weight: weight-only compression; static: INT8 weights and "
-        "activations, calibrated")
-    bits: Literal[4, 8] = Field(4, description="weight bits (static: 8)")
-    group_size: int = Field(128, ge=-1, description="INT4: weights per quantization group; -1: "
-                            "one group per output channel")
-    sym: bool = Field(True, description="symmetric quantization (no zero point)")
-    smooth_quant: bool = Field(True, description="static: SmoothQuant before quantizing")
-    smooth_quant_alpha: float = Field(0.95, ge=0, le=1, description="SmoothQuant's migration "
-                                      "strength (0.95 is NNCF's default for transformers)")
-
-    @model_validator(mode="after")
-    def _static_is_int8(self) -> "OpenVinoQuantize":
-        if self.method == "static" and self.bits != 8:
-            raise ValueError("bits: openvino static quantization is INT8 (bits = 8)")
-        return self
-
-
-class BnbQuantize(QuantizeCommon):
-    """bitsandbytes 8-bit or 4-bit NF4 weights through transformers (CUDA)."""
-
-    backend: Literal["bnb"] = Field(..., description="the quantization backend")
-    method: Literal["weight"] = Field("weight", description="weight-only (the only method)")
-    bits: Literal[4, 8] = Field(4, description="weight bits: 8-bit, or 4-bit NF4")
-
-
-def _quantize_backend(raw: Any) -> str:
-    return raw.get("backend", "inc") if isinstance(raw, dict) else raw.backend
+def quantize_backend(raw: Any) -> str:
+    return raw.get("backend", DEFAULT_QUANTIZE_BACKEND) if isinstance(raw, dict) else raw.backend
 
 
 # Tables whose type is picked by one of their keys: table -> that key's value in a raw table.
-TAGGED_TABLES = {"quantize": _quantize_backend}
+TAGGED_TABLES = {"quantize": quantize_backend}
 
 
 def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
@@ -587,18 +543,6 @@ def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
     if key in TAGGED_TABLES:
         return TAGGED_TABLES[key](table)
     return table.get("kind") if isinstance(key, int) else None
-
-
-# [quantize]: one table type per backend, picked by `backend` (default "inc"), so a field or
-# method another backend owns is an error at load time and in --dry-run.
-QuantizeConfig = Annotated[
-    Union[Annotated[IncQuantize, Tag("inc")], Annotated[TorchQuantize, Tag("torch")],
-          Annotated[OpenVinoQuantize, Tag("openvino")], Annotated[BnbQuantize, Tag("bnb")]],
-    Discriminator(_quantize_backend, custom_error_type="unknown_backend",
-                  custom_error_message="backends: inc, torch, openvino, bnb")]
-INC_INT8_HINT = ("; neural-compressor 3.x runs dynamic/static INT8 through a PT2E graph export "
-                 "that cannot drive generate(): use backend = \"torch\", method = \"dynamic\" or "
-                 "backend = \"openvino\", method = \"static\"")
 
 
 class LatencyConfig(Section):

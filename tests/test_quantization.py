@@ -59,7 +59,7 @@ def test_int8_weights_take_a_quarter_of_the_bytes(tiny_lm, tmp_path):
 def test_ladder_falls_back_the_head_then_layers_from_both_ends(tiny_lm):
     from llmctl.models import load_causal_lm
     from llmctl.quantization import trial_settings
-    from llmctl.schema import TorchQuantize
+    from llmctl.quantization.torch_dynamic import TorchQuantize
 
     ladder = trial_settings(TorchQuantize(backend="torch"), load_causal_lm(str(tiny_lm)))
     assert [s["fp32_modules"] for s in ladder] == [

@@ -72,7 +72,9 @@ def test_errors_name_file_and_key(tmp_path, text, key, what):
 
 
 def test_quantize_table_type_follows_the_backend(tmp_path):
-    from llmctl.schema import IncQuantize, OpenVinoQuantize, TorchQuantize
+    from llmctl.quantization.inc import IncQuantize
+    from llmctl.quantization.openvino import OpenVinoQuantize
+    from llmctl.quantization.torch_dynamic import TorchQuantize
 
     assert type(load_recipe(write(tmp_path, BASE + "[quantize]\n")).quantize) is IncQuantize
     torch_table = load_recipe(write(tmp_path, BASE + "[quantize]\nbackend = \"torch\"\n")).quantize

@@ -62,7 +62,7 @@ def test_run_order_and_default_models_come_from_the_registry(tmp_path):
 
 
 def test_every_table_field_has_a_description():
-    tables = schema_tables(schema)
+    tables = schema_tables(Recipe)
     assert {"RunConfig", "GrpoConfig", "LabelMatchReward", "LoraConfig", "LatencyConfig",
             "IncQuantize", "BnbQuantize"} <= {t.__name__ for t in tables}
     missing = [f"{table.__name__}.{name}" for table in tables
@@ -71,14 +71,14 @@ def test_every_table_field_has_a_description():
     assert not missing, f"fields without Field(description=...): {', '.join(missing)}"
 
 
-def schema_tables(module) -> list[type[BaseModel]]:
-    """Every Section subclass reachable from a module's names: its classes, the members of
-    its unions (QuantizeConfig, GrpoReward) and the tables its tables' fields hold."""
+def schema_tables(root: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every table a recipe can hold: the tables of ``root``'s fields, the members of their
+    unions (QuantizeConfig, GrpoReward) and the tables their fields hold."""
     seen: dict[type, None] = {}
-    todo = list(vars(module).values())
+    todo = [field.annotation for field in root.model_fields.values()]
     while todo:
         item = todo.pop()
-        if isinstance(item, type) and issubclass(item, module.Section):
+        if isinstance(item, type) and issubclass(item, BaseModel):
             if item not in seen:
                 seen[item] = None
                 todo += [field.annotation for field in item.model_fields.values()]

@@ -20,7 +20,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from llmctl import schema
+from llmctl import quantization, schema
 
 if TYPE_CHECKING:
     from llmctl.recipe import Recipe
@@ -126,7 +126,7 @@ def _group_rl_inputs(recipe: "Recipe", cfg: schema.GroupRLConfig) -> dict[str, s
     return inputs
 
 
-def _quantize_inputs(recipe: "Recipe", cfg: schema.QuantizeConfig) -> dict[str, str]:
+def _quantize_inputs(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> dict[str, str]:
     return {"model": recipe.named_model(cfg.model) if cfg.model else recipe.trained_model()}
 
 
@@ -188,14 +188,13 @@ def _check_rewards(recipe: "Recipe", cfg: schema.GroupRLConfig, stage: str) -> N
                                 f"must be importable: installed, or on PYTHONPATH)")
 
 
-def _check_quantize(recipe: "Recipe", cfg: schema.QuantizeConfig) -> None:
+def _check_quantize(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> None:
     from pathlib import Path
 
     from llmctl.evaluation import check_tasks
-    from llmctl.quantization import check_supported
 
     model = _quantize_inputs(recipe, cfg)["model"]  # checked when it exists (not yet in a run)
-    check_supported(cfg.backend, model if Path(model).exists() else None)
+    quantization.check_supported(cfg.backend, model if Path(model).exists() else None)
     if cfg.task:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
@@ -250,8 +249,7 @@ REGISTRY: tuple[StageSpec, ...] = (
               trains=True, reads_data=True, check=_check_ppo, classifier_inputs=("reward_model",),
               summary=("reward_mean_before", "reward_mean_after", "reward_gain",
                        "reward_gain_sem", "kl_last")),
-    StageSpec("quantize", "Quantize a model (neural-compressor, OpenVINO, bitsandbytes).",
-              schema.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
+    StageSpec("quantize", quantization.SUMMARY, quantization.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
               feeds_training=False, check=_check_quantize, data_keys=("data", "calibration"),
               summary=("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
                        "relative_loss", "accepted")),
