@@ -1,17 +1,20 @@
 """The stage registry: every stage llmctl runs, in the order `llmctl run` runs them.
 
-An entry says what the rest of llmctl needs to know about a stage without running it: its
-command's help, its recipe table, whether it trains (a launcher, resume, tracking), what it
-reads (``inputs``: earlier stages' outputs and model paths; data sources are its table's
-``data`` key), the model it leaves for later stages, a preflight check, and the metrics the
-demo's summary shows. The CLI, `llmctl run`'s order and staleness, config hashing,
-``--dry-run``, the multi-process launcher and the demo summary all read this table.
+An entry says all the rest of llmctl knows about a stage without running it: its command's
+help, its recipe table, whether it trains (a launcher, resume, tracking), what it reads
+(``inputs``: earlier stages' outputs and model paths; ``data_keys``: the table's keys naming
+[data.<name>] sources), which inputs load as classifiers, the model it leaves for later
+stages, a preflight check, and the metrics the demo's summary shows. The CLI, the recipe's
+tables, `llmctl run`'s order and staleness, config hashing, preflight, ``--dry-run``, the
+multi-process launcher, `make real` and the demo summary all ask this table, never a stage's
+name (tests/test_architecture.py checks).
 
 The work itself is ``run(ctx)`` in ``llmctl/stages/<name>.py``, imported when the stage runs:
 stage modules import torch, trl or OpenVINO (seconds), which ``llmctl --help`` must not pay.
+A Trainer stage ends in ``training.finish_training`` (weights, loss curve, manifest).
 
 Adding a stage: its table's model in ``llmctl/schema.py``, ``llmctl/stages/<name>.py`` with
-``run(ctx)``, and one ``StageSpec`` below.
+``run(ctx)``, one ``StageSpec`` below, and a recipe that uses it.
 """
 
 from __future__ import annotations
