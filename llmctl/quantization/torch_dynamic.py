@@ -104,8 +104,8 @@ def dynamic_int8(model: torch.nn.Module, fp32_modules: list[str]) -> torch.nn.Mo
         # The int8 head is its own copy now: re-tying it to the fp32 embedding would fail.
         model.config.tie_word_embeddings = False
     # torch 2.10+ calls torch.ao.quantization deprecated in favour of torchao, whose CPU int8
-    # path measured far slower at the OPT-1.3B shape (README, "Generation": torchao INT8
-    # weight-only, compiled, 0.46x fp32 against this path's 2.57x): this stays while torch
+    # path measured far slower at the OPT-1.3B shape (docs/benchmarks.md, 2026-12-04: torchao
+    # INT8 weight-only, compiled, 0.46x fp32 against this path's 2.57x): this stays while torch
     # ships it, and says so once here instead of on every quantization.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated",
