@@ -86,3 +86,18 @@ def schema_tables(root: type[BaseModel]) -> list[type[BaseModel]]:
             todo += get_args(item)  # Union, Annotated, list[...], dict[..., ...]
     return [table for table in seen if table.model_fields]
 
+
+
+def test_recipe_reference_is_current():
+    """docs/recipe-reference.md is what the schema says now: a key added without rerunning
+    scripts/recipe_reference.py fails here."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "recipe_reference.py"
+    spec = importlib.util.spec_from_file_location("recipe_reference", script)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    text = reference.render()
+    assert "| `trust_remote_code` | bool | `false` |" in text  # a key, its type and default
+    assert '## [quantize] [backend = "openvino"]' in text  # each union member's own table
+    assert reference.OUT.read_text() == text, "run: python scripts/recipe_reference.py"
