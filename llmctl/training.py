@@ -17,7 +17,7 @@ from llmctl.progress import RichProgress, console, save_loss_curve
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun
 from llmctl.schema import TrainConfig
-from llmctl.trainers import fused_head
+from llmctl.trainers import cpu_resume, fused_head
 
 
 def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
@@ -102,6 +102,7 @@ def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
     start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
+        cpu_resume.accept_indexed_cpu()
     trainer.add_callback(DiscardSuperseded(stage))
     return trainer.train(resume_from_checkpoint=checkpoint), start_step
 
