@@ -79,6 +79,12 @@ def check_supported(recipe, stage: str) -> None:
     if cfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy: \"deepspeed\" needs the deepspeed package: "
                         "pip install 'llmctl[deepspeed]' (or use strategy = \"fsdp\")")
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        # accelerate 1.16 turns FSDP on only for GPU-like devices (state.py): on CPU it drops
+        # the FSDP plugin and the Trainer would train plain DDP under the name "fsdp".
+        raise UserError("distributed.strategy: \"fsdp\" needs CUDA GPUs (accelerate runs "
+                        "FSDP only there; on CPU it would silently train as DDP); on CPU use "
+                        "strategy = \"ddp\" (gloo) or \"deepspeed\"")
     if cfg.config_file and not os.path.isfile(cfg.config_file):
         raise UserError(f"distributed.config_file: {cfg.config_file} not found")
     job_nodes(recipe, stage)
@@ -225,13 +231,12 @@ def trainer_arguments(cfg: DistributedConfig, model_type: str | None = None) -> 
         sharding = {"full": "full_shard", "hybrid": "hybrid_shard",
                     "shard_grad_op": "shard_grad_op"}[cfg.fsdp_sharding]
         args["fsdp"] = f"{sharding} auto_wrap" + (" offload" if cfg.cpu_offload else "")
-        fsdp_config: dict[str, Any] = {"fsdp_version": cfg.fsdp_version}
+        # Checkpoints sharded (each rank writes its part); the final weights are gathered
+        # into one ordinary model (training.save_trained).
+        fsdp_config: dict[str, Any] = {"fsdp_version": cfg.fsdp_version,
+                                       "state_dict_type": "SHARDED_STATE_DICT"}
         if cfg.fsdp_version == 1:
             fsdp_config["use_orig_params"] = True
-            if not torch.cuda.is_available():
-                # accelerate refuses to broadcast rank 0's weights on CPU; every rank starts
-                # from the same weights anyway (the same seed, or the same files).
-                fsdp_config["sync_module_states"] = False
         if cfg.fsdp_wrap:
             fsdp_config["transformer_layer_cls_to_wrap"] = list(cfg.fsdp_wrap)
         args["fsdp_config"] = fsdp_config

@@ -105,8 +105,8 @@ class DistributedConfig(Section):
                                     "DeepSpeed JSON): wins over the settings here")
     fsdp_sharding: Literal["full", "hybrid", "shard_grad_op"] = Field(
         "full", description="FSDP sharding: full_shard, hybrid_shard or shard_grad_op")
-    fsdp_version: Literal[1, 2] = Field(2, description="FSDP 2 (torch's fully_shard; runs on "
-                                        "CPU too) or the older FSDP 1 wrapper")
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP 2 (torch's fully_shard) or the "
+                                        "older FSDP 1 wrapper")
     fsdp_wrap: list[str] = Field(default_factory=list, description="FSDP: layer classes to "
                                  "wrap; default: the model's own")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")

@@ -206,6 +206,8 @@ def save_trained(trainer: Trainer, model, tokenizer, path, stage: StageRun) -> N
     """The final weights, written once. Under FSDP or ZeRO-3 every rank must call this: the
     Trainer gathers the shards and rank 0 writes them."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        if trainer.is_fsdp_enabled:  # checkpoints are sharded; the model is gathered
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(path))
         if stage.is_main_process:
             (path / "training_args.bin").unlink(missing_ok=True)  # pickled: not an output

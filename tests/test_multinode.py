@@ -13,7 +13,7 @@ import pytest
 
 from llmctl.errors import UserError
 from tests.conftest import REPO, kill_tree, manifest, run_cli
-from tests.test_distributed import losses, pretrain_recipe, sft_recipe
+from tests.test_distributed import pretrain_recipe, same_losses, sft_recipe
 
 TWO_NODES = '\n[distributed]\nstrategy = "ddp"\nnum_processes = 1\nnnodes = 2\n'
 
@@ -81,12 +81,8 @@ def test_two_nodes_pretrain_match_one_process_and_resume_after_a_node_is_killed(
     procs = start_nodes("pretrain", two, tmp_path)
     assert wait_nodes(procs, tmp_path, "pretrain") == [0, 0], tail(tmp_path, "pretrain")
     assert "resuming from" in tail(tmp_path, "pretrain")
-    a, b = losses(tmp_path / "one" / "pretrain"), losses(tmp_path / "two" / "pretrain")
-    assert sorted(a) == sorted(b) == list(range(1, 9))
-    print("two nodes: pretrain max relative loss difference vs 1 process:",
-          max(abs(b[s] - a[s]) / a[s] for s in a))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a[step], b[step])
+    same_losses(tmp_path / "one" / "pretrain", tmp_path / "two" / "pretrain", 8, 2e-3,
+                "two nodes pretrain")
     single, nodes = manifest(tmp_path / "one" / "pretrain"), manifest(tmp_path / "two" / "pretrain")
     assert nodes["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=2e-3)
     assert nodes["metrics"]["world_size"] == 2 and nodes["metrics"]["effective_batch_size"] == 8
@@ -102,13 +98,8 @@ def test_two_nodes_sft_match_one_process(tmp_path, assets, pretrained_model, cap
     assert code == 0, err
     procs = start_nodes("sft", recipe("two", 4, TWO_NODES), tmp_path)
     assert wait_nodes(procs, tmp_path, "sft") == [0, 0], tail(tmp_path, "sft")
-    a, b = losses(tmp_path / "one" / "sft"), losses(tmp_path / "two" / "sft")
-    assert sorted(a) == sorted(b) == list(range(1, 5))
-    print("two nodes: sft max relative loss difference vs 1 process:",
-          max(abs(b[s] - a[s]) / a[s] for s in a))
-    for step in a:
-        # Rows differ in length: each process averages its own tokens (as under DDP).
-        assert b[step] == pytest.approx(a[step], rel=2e-2), (step, a[step], b[step])
+    # Rows differ in length: each process averages its own tokens (as under DDP).
+    same_losses(tmp_path / "one" / "sft", tmp_path / "two" / "sft", 4, 2e-2, "two nodes sft")
     assert manifest(tmp_path / "two" / "sft")["metrics"]["world_size"] == 2
     assert (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
