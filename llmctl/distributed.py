@@ -278,7 +278,7 @@ def describe(recipe, stage: str) -> dict[str, Any]:
     if job.nnodes > 1:
         out.update(nnodes=job.nnodes, node_rank=job.node_rank, rdzv_endpoint=job.rdzv_endpoint,
                    rdzv_id=job.rdzv_id)
-    if should_launch(recipe, stage) or is_launched():
+    if should_launch(recipe, stage):
         out["launch"] = shlex.join(launch_command(recipe, stage, stage_argv(recipe, stage)))
     if cfg.strategy != "none":
         out["trainer_arguments"] = trainer_arguments(cfg)
