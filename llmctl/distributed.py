@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,29 +71,153 @@ def main_process_first():
         yield
 
 
-def check_supported(cfg: DistributedConfig) -> None:
-    """Exit 2 before any work for a strategy this machine or install cannot run."""
+def check_supported(recipe, stage: str) -> None:
+    """Exit 2 before any work for a strategy this machine or install cannot run, or a
+    multi-machine job with a setting missing."""
+    cfg = recipe.distributed
     if cfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy: \"deepspeed\" needs the deepspeed package: "
                         "pip install 'llmctl[deepspeed]' (or use strategy = \"fsdp\")")
-    if cfg.strategy in ("fsdp", "deepspeed") and not torch.cuda.is_available():
-        raise UserError(f"distributed.strategy: \"{cfg.strategy}\" needs CUDA GPUs; on CPU use "
-                        f"strategy = \"ddp\" (gloo), which runs the same recipe")
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        # accelerate 1.16 turns FSDP on only for GPU-like devices (state.py): on CPU it drops
+        # the FSDP plugin and the Trainer would train plain DDP under the name "fsdp".
+        raise UserError("distributed.strategy: \"fsdp\" needs CUDA GPUs (accelerate runs "
+                        "FSDP only there; on CPU it would silently train as DDP); on CPU use "
+                        "strategy = \"ddp\" (gloo) or \"deepspeed\"")
     if cfg.config_file and not os.path.isfile(cfg.config_file):
         raise UserError(f"distributed.config_file: {cfg.config_file} not found")
+    job_nodes(recipe, stage)
 
 
-def should_launch(cfg: DistributedConfig) -> bool:
-    """Whether a training stage must start its processes (it is one of them once launched)."""
-    return cfg.num_processes > 1 and not is_launched()
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of one job: how many, which one this is, where they meet."""
+
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str | None
+    rdzv_id: str
 
 
-def launch_command(cfg: DistributedConfig, argv: list[str]) -> list[str]:
-    """The command that runs ``llmctl ARGV`` in ``num_processes`` processes."""
+RDZV_PORT = 29400  # torchrun's default c10d port
+
+
+def job_nodes(recipe, stage: str, env: dict[str, str] | None = None) -> Nodes:
+    """``[distributed]``'s machine settings; each one left out comes from the environment a
+    SLURM job step sets, so one batch script runs the same recipe on every machine."""
+    cfg, env = recipe.distributed, os.environ if env is None else env
+    if cfg.strategy == "none":
+        return Nodes(1, 0, None, "")
+    nnodes = cfg.nnodes if cfg.nnodes is not None else _env_int(env, "SLURM_NNODES", 1)
+    if nnodes < 1:
+        raise UserError(f"distributed.nnodes: must be >= 1, not {nnodes} ($SLURM_NNODES)")
+    rdzv_id = cfg.rdzv_id or env.get("SLURM_JOB_ID") or f"{recipe.run.name}-{stage}"
+    if nnodes == 1:
+        return Nodes(1, 0, None, rdzv_id)
+    node_rank = cfg.node_rank if cfg.node_rank is not None else _env_int(env, "SLURM_NODEID")
+    if node_rank is None:
+        raise UserError(f"distributed.node_rank: needed with nnodes = {nnodes} (0 on the "
+                        f"machine that holds the run directory's lock, 1 to {nnodes - 1} on "
+                        f"the others; SLURM sets $SLURM_NODEID)")
+    if not 0 <= node_rank < nnodes:
+        raise UserError(f"distributed.node_rank: must be 0 to {nnodes - 1}, not {node_rank}")
+    endpoint = cfg.rdzv_endpoint
+    if endpoint is None and env.get("SLURM_JOB_NODELIST"):
+        endpoint = f"{first_host(env['SLURM_JOB_NODELIST'])}:{RDZV_PORT}"
+    if endpoint is None:
+        raise UserError(f"distributed.rdzv_endpoint: needed with nnodes = {nnodes}: host:port "
+                        f"of one of the machines, the same on all (SLURM: the job's first "
+                        f"host by default)")
+    return Nodes(nnodes, node_rank, endpoint, rdzv_id)
+
+
+def _env_int(env, name: str, default: int | None = None) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"${name}: \"{value}\" is not a whole number") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[01-04],gpu7`` -> ``node01``): scontrol's
+    own expansion where SLURM is installed, else :func:`expand_nodelist`."""
+    if shutil.which("scontrol"):
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                              text=True)
+        if done.returncode == 0 and done.stdout.split():
+            return done.stdout.split()[0]
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise UserError(f"$SLURM_JOB_NODELIST: no host in \"{nodelist}\"")
+    return hosts[0]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list in full: ``node[01-03,7],gpu7`` -> node01 node02 node03
+    node7 gpu7; several bracket groups in one name (``r[1-2]n[1-2]``) multiply; zero padding
+    is kept."""
+    hosts: list[str] = []
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        expanded = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", name):
+            options = [text + n for n in _expand_ranges(ranges, nodelist)] if ranges else [text]
+            expanded = [head + tail for head in expanded for tail in options]
+        hosts.extend(h for h in expanded if h)
+    return hosts
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    out = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise UserError(f"$SLURM_JOB_NODELIST: cannot read \"[{ranges}]\" in \"{nodelist}\"")
+        out.extend(str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1))
+    return out
+
+
+def should_launch(recipe, stage: str) -> bool:
+    """Whether a training stage must start its processes (it is one of them once launched):
+    under torchrun: several processes or machines, and FSDP / ZeRO even in one process
+    (they need its process group)."""
+    cfg = recipe.distributed
+    return not is_launched() and \
+        (cfg.num_processes > 1 or cfg.strategy in ("fsdp", "deepspeed")
+         or job_nodes(recipe, stage).nnodes > 1)
+
+
+def lock_held_by_node_0(recipe, stage: str) -> bool:
+    """On machines other than node 0 of a multi-machine job, llmctl's launcher of a training
+    stage does not lock the (shared) run directory: node 0's launcher holds the lock for the
+    whole job."""
+    return not is_launched() and job_nodes(recipe, stage).node_rank > 0
+
+
+def launch_command(recipe, stage: str, argv: list[str]) -> list[str]:
+    """The command that runs ``llmctl ARGV`` in ``num_processes`` processes on this machine,
+    joined with the other machines' when there are several."""
+    cfg, job = recipe.distributed, job_nodes(recipe, stage)
     if cfg.config_file:
+        machines = []
+        if job.nnodes > 1:
+            host, _, port = job.rdzv_endpoint.rpartition(":")
+            machines = ["--num_machines", str(job.nnodes), "--machine_rank", str(job.node_rank),
+                        "--main_process_ip", host, "--main_process_port", port,
+                        "--rdzv_backend", "c10d"]
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                cfg.config_file, "--num_processes", str(cfg.num_processes), "-m", "llmctl", *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                cfg.config_file, *machines, "--num_processes",
+                str(cfg.num_processes * job.nnodes), "-m", "llmctl", *argv]
+    if job.nnodes == 1:
+        nodes = ["--standalone"]
+    else:
+        # No --node-rank: under c10d torchrun ignores it (and warns); the rendezvous numbers
+        # the machines. Global rank 0, which writes the run directory, may be on any of them.
+        nodes = ["--nnodes", str(job.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 job.rdzv_endpoint, "--rdzv-id", job.rdzv_id]
+    return [sys.executable, "-m", "torch.distributed.run", *nodes,
             f"--nproc_per_node={cfg.num_processes}", "-m", "llmctl", *argv]
 
 
@@ -104,7 +232,12 @@ def trainer_arguments(cfg: DistributedConfig, model_type: str | None = None) -> 
         sharding = {"full": "full_shard", "hybrid": "hybrid_shard",
                     "shard_grad_op": "shard_grad_op"}[cfg.fsdp_sharding]
         args["fsdp"] = f"{sharding} auto_wrap" + (" offload" if cfg.cpu_offload else "")
-        fsdp_config: dict[str, Any] = {"use_orig_params": True}
+        # Checkpoints sharded (each rank writes its part); the final weights are gathered
+        # into one ordinary model (training.save_trained).
+        fsdp_config: dict[str, Any] = {"fsdp_version": cfg.fsdp_version,
+                                       "state_dict_type": "SHARDED_STATE_DICT"}
+        if cfg.fsdp_version == 1:
+            fsdp_config["use_orig_params"] = True
         if cfg.fsdp_wrap:
             fsdp_config["transformer_layer_cls_to_wrap"] = list(cfg.fsdp_wrap)
         args["fsdp_config"] = fsdp_config
@@ -141,10 +274,13 @@ def stage_argv(recipe, stage: str) -> list[str]:
 
 def describe(recipe, stage: str) -> dict[str, Any]:
     """What --dry-run shows: the launch command and the resolved strategy settings."""
-    cfg = recipe.distributed
+    cfg, job = recipe.distributed, job_nodes(recipe, stage)
     out: dict[str, Any] = {"strategy": cfg.strategy, "num_processes": cfg.num_processes}
-    if cfg.num_processes > 1:
-        out["launch"] = shlex.join(launch_command(cfg, stage_argv(recipe, stage)))
+    if job.nnodes > 1:
+        out.update(nnodes=job.nnodes, node_rank=job.node_rank, rdzv_endpoint=job.rdzv_endpoint,
+                   rdzv_id=job.rdzv_id)
+    if should_launch(recipe, stage):
+        out["launch"] = shlex.join(launch_command(recipe, stage, stage_argv(recipe, stage)))
     if cfg.strategy != "none":
         out["trainer_arguments"] = trainer_arguments(cfg)
     return out
@@ -159,9 +295,7 @@ class LaunchFailed(Exception):
 
 
 def launch(recipe, stage: str) -> None:
-    """Run this stage in ``num_processes`` processes and wait for them."""
-    import subprocess
-
-    code = subprocess.call(launch_command(recipe.distributed, stage_argv(recipe, stage)))
+    """Run this stage in ``num_processes`` processes (on each machine) and wait for them."""
+    code = subprocess.call(launch_command(recipe, stage, stage_argv(recipe, stage)))
     if code != 0:
         raise LaunchFailed(2 if code == 2 else 1)

@@ -25,11 +25,13 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
     """Check, then run one stage (once per process when it trains on several); its metrics."""
     cfg = recipe.stage_config(stage)  # exit 2 if the recipe has no table for it
     spec = STAGES[stage]
-    with run_dir_lock(recipe.run_dir):
+    if spec.trains:
+        distributed.check_supported(recipe, stage)
+    elsewhere = spec.trains and distributed.lock_held_by_node_0(recipe, stage)
+    with run_dir_lock(recipe.run_dir, held_elsewhere=elsewhere):
         preflight(recipe, [stage])  # every input exists and loads
         if spec.trains:
-            distributed.check_supported(recipe.distributed)
-            if distributed.should_launch(recipe.distributed):
+            if distributed.should_launch(recipe, stage):
                 # The same stage, once per process, under torchrun / accelerate launch.
                 distributed.launch(recipe, stage)
                 return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -117,18 +118,25 @@ LOCK_ENV = "LLMCTL_RUN_DIR_LOCKED"  # set for processes we launch (torchrun rank
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
+def run_dir_lock(run_dir: Path, held_elsewhere: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on a run directory for the whole command.
 
     ``flock`` on ``<run_dir>/.llmctl.lock``: the kernel releases it when the process ends, however
     it ends, so a killed run never leaves a lock that blocks the next one. Re-entrant within a
     process; processes this one launches (``LLMCTL_RUN_DIR_LOCKED``) share its lock.
+    ``held_elsewhere``: another machine's llmctl holds it for this job (node 0 of several);
+    this one takes none, and the processes it launches (global rank 0 among them, wherever
+    the rendezvous puts it) know the job holds it.
     """
     import fcntl
 
     key = str(Path(run_dir).resolve())
     if distributed.is_launched() and not distributed.is_main_process():
         yield  # under torchrun, rank 0 holds the lock for the job
+        return
+    if held_elsewhere:
+        with _env_set(LOCK_ENV, key):
+            yield
         return
     if key in _HELD or os.environ.get(LOCK_ENV) == key:
         fd, depth = _HELD.get(key, (-1, 0))
@@ -161,16 +169,11 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} (llmctl, since {now_iso()})\n".encode(), 0)
     _HELD[key] = (fd, 1)
-    old_env = os.environ.get(LOCK_ENV)
-    os.environ[LOCK_ENV] = key
     try:
-        yield
+        with _env_set(LOCK_ENV, key):
+            yield
     finally:
         del _HELD[key]
-        if old_env is None:
-            os.environ.pop(LOCK_ENV, None)
-        else:
-            os.environ[LOCK_ENV] = old_env
         os.ftruncate(fd, 0)
         # A command that failed before writing anything leaves no run directory behind.
         if created and [p.name for p in Path(run_dir).iterdir()] == [LOCK]:
@@ -178,6 +181,20 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             for made in created:  # innermost first; each is empty once the one inside is gone
                 made.rmdir()
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _env_set(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (and the processes it starts)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # -- one stage execution -------------------------------------------------------------------
@@ -281,6 +298,7 @@ class StageRun:
             _write_json(self.work_dir / STAMP, {"config_hash": self.config_hash,
                                                 "config": self.config})
         distributed.barrier()  # from here every rank sees the same work dir and checkpoints
+        gpu_peak_memory(reset=True)  # each stage of `llmctl run` reports its own peak
         ACTIVE = self
         return self
 
@@ -322,6 +340,7 @@ class StageRun:
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"metric {key} is not a number: {value!r}")
+        metrics = {**metrics, **gpu_peak_memory()}
         check_replaceable(self.final_dir, self.stage)
         if self.tracking.get("dir") and self.path(self.tracking["dir"]).exists():
             outputs = {**outputs, "tracking": self.tracking["dir"]}
@@ -391,6 +410,18 @@ def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def gpu_peak_memory(reset: bool = False) -> dict[str, int]:
+    """``peak_gpu_memory_bytes``: torch's CUDA allocator peak in this process (rank 0 under
+    torchrun) since the stage began; nothing where no GPU was used."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+        return {}
+    return {"peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated())}
 
 
 def _last_checkpoint(checkpoint_dir: Path) -> str | None:

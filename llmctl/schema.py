@@ -90,10 +90,22 @@ class DistributedConfig(Section):
         "FSDP or DeepSpeed ZeRO")
     num_processes: int = Field(1, description="processes per machine; > 1 makes `llmctl "
                                "STAGE` launch itself with torchrun")
+    nnodes: int | None = Field(None, description="machines; > 1 launches torchrun with a c10d "
+                               "rendezvous; default: $SLURM_NNODES, else 1")
+    node_rank: int | None = Field(None, description="this machine's index, 0 to nnodes - 1 "
+                                  "(node 0 holds the run directory's lock); default: "
+                                  "$SLURM_NODEID")
+    rdzv_endpoint: str | None = Field(None, description="host:port where the machines meet "
+                                      "(served by the launcher on that host); default: the "
+                                      "first host of $SLURM_JOB_NODELIST, port 29400")
+    rdzv_id: str | None = Field(None, description="the rendezvous' name, the same on every "
+                                "machine; default: $SLURM_JOB_ID, else <run.name>-<stage>")
     config_file: str | None = Field(None, description="your accelerate config (may name a "
                                     "DeepSpeed JSON): wins over the settings here")
     fsdp_sharding: Literal["full", "hybrid", "shard_grad_op"] = Field(
         "full", description="FSDP sharding: full_shard, hybrid_shard or shard_grad_op")
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP 2 (torch's fully_shard) or the "
+                                        "older FSDP 1 wrapper")
     fsdp_wrap: list[str] = Field(default_factory=list, description="FSDP: layer classes to "
                                  "wrap; default: the model's own")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
@@ -106,6 +118,16 @@ class DistributedConfig(Section):
             raise ValueError("num_processes: must be >= 1")
         if self.num_processes > 1 and self.strategy == "none" and not self.config_file:
             raise ValueError("num_processes: > 1 needs a strategy (ddp, fsdp or deepspeed)")
+        if self.nnodes is not None and self.nnodes < 1:
+            raise ValueError("nnodes: must be >= 1")
+        if (self.nnodes or 1) > 1 and self.strategy == "none":
+            raise ValueError("nnodes: > 1 needs a strategy (ddp, fsdp or deepspeed)")
+        if self.node_rank is not None and not 0 <= self.node_rank < (self.nnodes or 2 ** 31):
+            raise ValueError(f"node_rank: must be 0 to nnodes - 1, not {self.node_rank}")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint: \"{self.rdzv_endpoint}\" is not host:port")
         return self
 
 

@@ -17,7 +17,7 @@ from llmctl.progress import RichProgress, console, save_loss_curve
 from llmctl.recipe import Recipe
 from llmctl.rundir import StageRun
 from llmctl.schema import TrainConfig
-from llmctl.trainers import fused_head
+from llmctl.trainers import cpu_resume, fused_head
 
 
 def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
@@ -102,6 +102,7 @@ def train(trainer: Trainer, stage: StageRun) -> tuple[object, int]:
     start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoint:
         console.print(f"  resuming from {checkpoint}")
+        cpu_resume.accept_indexed_cpu()
     trainer.add_callback(DiscardSuperseded(stage))
     return trainer.train(resume_from_checkpoint=checkpoint), start_step
 
@@ -205,6 +206,8 @@ def save_trained(trainer: Trainer, model, tokenizer, path, stage: StageRun) -> N
     """The final weights, written once. Under FSDP or ZeRO-3 every rank must call this: the
     Trainer gathers the shards and rank 0 writes them."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        if trainer.is_fsdp_enabled:  # checkpoints are sharded; the model is gathered
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(path))
         if stage.is_main_process:
             (path / "training_args.bin").unlink(missing_ok=True)  # pickled: not an output

@@ -174,7 +174,8 @@ REPO = Path(__file__).parents[1]
 
 
 def kill_when(args: list[str], ready, timeout: float = 180) -> None:
-    """Start `python -m llmctl ARGS`, SIGKILL it once ready() is true (it must still be running)."""
+    """Start `python -m llmctl ARGS`, SIGKILL it once ready() is true (it must still be running),
+    with every process it started (torchrun and its ranks): as when the machine dies."""
     import signal
     import time
 
@@ -184,8 +185,31 @@ def kill_when(args: list[str], ready, timeout: float = 180) -> None:
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.02)
     assert proc.poll() is None, "the stage finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts each rank in a
+    session of its own, so a process group does not cover them)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_llmctl(args: list[str]):

@@ -136,3 +136,25 @@ def test_preference_pairs_put_the_right_label_over_each_wrong_one():
         mine = [p for p in pairs if p["prompt"].endswith(f"Tweet: {row['text']}")]
         assert {p["chosen"] for p in mine} == {row["sentiment"]}
         assert sorted(p["rejected"] for p in mine) == sorted(set(LABELS) - {row["sentiment"]})
+
+
+def test_gpu_check_dry_run_validates_every_command(real, tmp_path):
+    """scripts/gpu_check.sh --dry-run (CPU only): each command it would run on a GPU passes
+    llmctl's --dry-run on the real artifacts; nothing is written."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMCTL": f"{sys.executable} -m llmctl",
+           "GPU_CHECK_DIR": str(tmp_path / "gpu-check")}
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = [line for line in done.stdout.splitlines() if line.startswith("ok: ")]
+    assert [c.split()[4:6] for c in checks] == [["run", "recipes/gpu-check.toml"],
+                                                ["sft", "recipes/gpu-check.toml"],
+                                                ["sft", "recipes/gpu-check.toml"]], checks
+    assert 'distributed.strategy="fsdp"' in checks[2]
+    assert not (tmp_path / "gpu-check").exists()
+    bad = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--bogus"], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown argument --bogus")
