@@ -183,6 +183,9 @@ def _check_quantize(recipe: "Recipe", cfg: schema.QuantizeConfig) -> None:
     from llmctl.quantization import check_supported
 
     model = _quantize_inputs(recipe, cfg)["model"]  # checked when it exists (not yet in a run)
+    from_config = recipe.pretrain is not None and recipe.pretrain.init == "config"
+    if not Path(model).exists() and recipe.model.name_or_path and not from_config:
+        model = recipe.model.name_or_path  # not trained yet: a fine-tune keeps its base's family
     check_supported(cfg.backend, model if Path(model).exists() else None)
     if cfg.task:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")
