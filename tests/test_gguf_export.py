@@ -175,16 +175,16 @@ def test_modelfile_for_ollama(tiny):
 
 
 def test_unsupported_tokenizer_is_a_user_error(tiny, tmp_path):
-    from transformers import BertTokenizerFast
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from llmctl.errors import UserError
     from llmctl.quantization.gguf_export import export_gguf
 
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b"]) + "\n")
-    with pytest.raises(UserError, match="WordPiece.*it exports byte-level BPE"):
-        export_gguf(tiny[0], BertTokenizerFast(str(vocab)), tmp_path / "x.gguf", "f16")
-    assert not (tmp_path / "x.gguf").exists()
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    with pytest.raises(UserError, match="WordLevel.*it exports byte-level BPE"):
+        export_gguf(tiny[0], PreTrainedTokenizerFast(tokenizer_object=words),
+                    tmp_path / "x.gguf", "f16")
 
 
 def gguf_recipe(tmp_path, assets_or_none, model, body: str) -> Path:
