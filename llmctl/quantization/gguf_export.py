@@ -170,7 +170,8 @@ def write_hyperparameters(writer, config, method: str) -> None:
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"quantize.model: rotary scaling {rope.get('rope_type')!r} is not "
                         f"exported to GGUF (only unscaled rotary embeddings)")
-    writer.add_name(getattr(config, "_name_or_path", "") or config.model_type)
+    # the directory's name only: a file meant for sharing carries no local path
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or config.model_type).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
