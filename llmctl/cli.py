@@ -1,6 +1,6 @@
 """The `llmctl` command line: parses arguments and dispatches, nothing else.
 
-Every stage command has the same shape (GUIDE §2):
+Every stage command has the same shape:
 ``llmctl STAGE RECIPE.toml [--run-dir DIR] [--set KEY=VALUE ...] [--dry-run] [--debug]``.
 Exit codes: 0 success, 2 invalid input (one ``error:`` line), 1 any other failure.
 """
@@ -32,17 +32,6 @@ def flag(name: str, help: str, **kwargs):
     return typer.Option(False, name, help=help, **kwargs)
 
 
-def _flag_type(self, ctx):
-    """typer 0.29 labels every flag ``<bool>`` in --help, its own --help and
-    --install-completion included; a flag takes no value, so it shows none."""
-    return None if self.is_flag else _option_type(self, ctx)
-
-
-_option_type = getattr(typer.core.TyperOption, "display_type_rich", None)
-if _option_type is not None:  # typer 0.29; earlier releases show no type for a flag
-    typer.core.TyperOption.display_type_rich = _flag_type
-
-
 def _version(show: bool) -> None:
     if show:
         from llmctl import __version__
@@ -62,7 +51,20 @@ RecipeArg = typer.Argument(..., help="Recipe TOML file.", show_default=False,
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: runs/<run.name>).")
 SetOpt = typer.Option([], "--set", help="Override a recipe key: --set sft.lora.r=8 (repeatable).")
 DryRunOpt = flag("--dry-run", "Validate and print the resolved recipe only.")
-DebugOpt = flag("--debug", "Show tracebacks.")
+_debug = False
+
+
+def _debug_mode(value: bool) -> bool:
+    """--debug: tracebacks, and the libraries' own warnings and notices. Without it they are
+    quieted here, before the command imports any library (click runs this before the command)."""
+    global _debug
+    _debug = value
+    if not value:
+        quiet_libraries()
+    return value
+
+
+DebugOpt = flag("--debug", "Show tracebacks and the libraries' warnings.", callback=_debug_mode)
 
 
 def _load(recipe_path: Path, run_dir: Optional[Path], overrides: list[str]):
@@ -118,7 +120,7 @@ def _stage_command(stage: str):
 
 
 for _spec in REGISTRY:
-    if _spec.name != "generate":  # its own command below: prompts and output options
+    if not _spec.own_command:  # generate's is below: prompts and output options
         app.command(_spec.name, help=_spec.help)(_stage_command(_spec.name))
 
 
@@ -401,9 +403,6 @@ def _stderr():
 def main() -> None:
     import signal
 
-    debug = "--debug" in sys.argv
-    if not debug:
-        quiet_libraries()
     signal.signal(signal.SIGTERM, _on_sigterm)
     # The interrupt contract (130 / 143 and what was kept) holds whatever the parent handed
     # down: a background job of a non-interactive shell starts with SIGINT ignored, and a
@@ -423,7 +422,7 @@ def main() -> None:
         print(interrupted_message(), file=_stderr())
         sys.exit(143)
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into an exit code
-        if debug:
+        if _debug:
             traceback.print_exc(file=_stderr())
         # Our own exceptions carry an exit code and a message written for users.
         code = getattr(err, "exit_code", 1)

@@ -22,8 +22,7 @@ import deeplake
 import torch
 
 from llmctl.errors import UserError
-from llmctl.paths import demo_hint, is_remote
-from llmctl.recipe import read_text
+from llmctl.paths import demo_hint, is_remote, read_text
 from llmctl.schema import DataSource
 
 # The course's templates, by name. A recipe may also give a format string of its own.

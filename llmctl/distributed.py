@@ -21,7 +21,6 @@ import torch
 
 from llmctl.errors import UserError
 from llmctl.schema import DistributedConfig
-from llmctl.stages import STAGES
 
 
 def world_size() -> int:
@@ -80,8 +79,9 @@ def check_supported(cfg: DistributedConfig) -> None:
         raise UserError(f"distributed.config_file: {cfg.config_file} not found")
 
 
-def should_launch(cfg: DistributedConfig, stage: str) -> bool:
-    return STAGES[stage].trains and cfg.num_processes > 1 and not is_launched()
+def should_launch(cfg: DistributedConfig) -> bool:
+    """Whether a training stage must start its processes (it is one of them once launched)."""
+    return cfg.num_processes > 1 and not is_launched()
 
 
 def launch_command(cfg: DistributedConfig, argv: list[str]) -> list[str]:

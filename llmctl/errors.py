@@ -1,4 +1,4 @@
-"""The two kinds of failure the CLI distinguishes (GUIDE §2: exit 2 vs exit 1)."""
+"""The two kinds of failure the CLI tells apart: invalid input (exit 2), any other (exit 1)."""
 
 
 class UserError(Exception):

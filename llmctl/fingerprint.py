@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
+BASE_FINGERPRINT = "base_fingerprint.json"  # next to an adapter's adapter_config.json
 WEIGHT_PATTERNS = ("*.safetensors",)
 
 
@@ -104,3 +105,44 @@ def model_fingerprint(model_dir: str | Path) -> dict[str, Any] | None:
     canonical = json.dumps(json.loads(config.read_text()), sort_keys=True).encode()
     return {"config_sha256": hashlib.sha256(canonical).hexdigest()[:32],
             "weights_sha256": weights.hexdigest()[:32]}
+
+
+# -- a stage's resolved config: its hash, and what changed between two --------------------------
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"sft": {"lr": 1}} -> {"sft.lr": 1}: the dotted keys --set uses."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
+    """``sft.lr: 0.002 -> 0.001, data.sentiment.path changed``: what differs between two
+    ``hashed_config`` results, at most ``limit`` items."""
+    before, after = flatten(old), flatten(new)
+    items = []
+    for key in [*before, *(k for k in after if k not in before)]:
+        if before.get(key, _MISSING) == after.get(key, _MISSING):
+            continue
+        if key not in before:
+            items.append(f"{key} added ({after[key]!r})")
+        elif key not in after:
+            items.append(f"{key} removed")
+        elif key.endswith(("path", "eval_path")) or key.startswith("inputs."):
+            items.append(f"{key} changed ({before[key]} -> {after[key]})")
+        else:
+            items.append(f"{key}: {before[key]!r} -> {after[key]!r}")
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+_MISSING = object()

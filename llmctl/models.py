@@ -32,11 +32,10 @@ from transformers import (
 )
 
 from llmctl.errors import UserError
-from llmctl.fingerprint import model_fingerprint
+from llmctl.fingerprint import BASE_FINGERPRINT, model_fingerprint
 from llmctl.gguf import is_gguf, read_metadata
-from llmctl.paths import demo_hint, looks_local
-from llmctl.quantization import is_quantized_dir, load as load_quantized
-from llmctl.rundir import BASE_FINGERPRINT
+from llmctl.paths import adapter_base, demo_hint, is_adapter_dir, is_quantized_dir, looks_local, \
+    read_json
 from llmctl.schema import LoraConfig, ModelConfig
 
 # Where LoRA goes when the recipe does not say: the attention query/value projections, as in
@@ -105,27 +104,10 @@ def model_dir(path: str, key: str = "model") -> str:
     return path
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base an adapter names; a relative name is relative to the adapter directory (llmctl
-    writes bases inside a run directory so), else to the working directory, else a hub id."""
-    config = _read_json(Path(path) / "adapter_config.json")
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{path}/adapter_config.json: names no base_model_name_or_path")
-    beside = Path(path) / base
-    if not Path(base).is_absolute() and beside.exists():
-        return str(beside.resolve())
-    return base
-
-
 def check_adapter_base(adapter: str | Path, base: str, key: str, allow_other: bool = False) -> None:
     """Exit 2 when ``base`` is not the model the adapter was trained on (by config and weights
     digest). LoRA deltas applied to another model load without complaint and produce nonsense."""
-    recorded = _read_json(Path(adapter) / BASE_FINGERPRINT).get("fingerprint") \
+    recorded = read_json(Path(adapter) / BASE_FINGERPRINT).get("fingerprint") \
         if (Path(adapter) / BASE_FINGERPRINT).is_file() else None
     if not recorded or allow_other or not Path(base).is_dir():
         return
@@ -137,16 +119,6 @@ def check_adapter_base(adapter: str | Path, base: str, key: str, allow_other: bo
                         f"{what} differ from the recorded fingerprint in {BASE_FINGERPRINT})"
                         + ("; set merge.allow_other_base = true to merge anyway"
                            if key.startswith("merge") else ""))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return found
 
 
 def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = "model",
@@ -165,7 +137,7 @@ def check_model_dir(path: str, model_cfg: ModelConfig | None = None, key: str = 
         raise UserError(f"{key}: {path} is not a model directory")
     if not (root / "config.json").is_file():
         raise UserError(f"{key}: {path} is not a model directory (no config.json)")
-    config = _read_json(root / "config.json")  # unreadable JSON: named here, not deep in a loader
+    config = read_json(root / "config.json")  # unreadable JSON: named here, not deep in a loader
     if causal_lm:
         architectures = config.get("architectures") or []
         if any(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
@@ -257,11 +229,9 @@ def load_tokenizer(path: str, model_cfg: ModelConfig | None = None,
 
 def load_causal_lm(path: str, model_cfg: ModelConfig | None = None, dtype: str | None = None,
                    **kwargs: Any) -> PreTrainedModel:
-    """A causal LM from a directory or hub id; an adapter directory is loaded on its base, a
-    quantized one (``llmctl quantize`` output) by its backend."""
+    """A causal LM from a directory or hub id; an adapter directory is loaded on its base. (A
+    quantize stage's output loads by its backend: ``quantization.load_model``.)"""
     path = model_dir(path)
-    if is_quantized_dir(path):
-        return load_quantized(path)
     common = _load_kwargs(model_cfg, dtype, **kwargs)
     if is_adapter_dir(path):
         from peft import PeftModel

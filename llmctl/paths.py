@@ -1,8 +1,12 @@
-"""What a path-like string in a recipe is: a local path, a hub id or a remote dataset URL."""
+"""What a path-like string in a recipe is (a local path, a hub id or a remote dataset URL), what
+kind of model directory a local path is, and reading the small files llmctl reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from llmctl.errors import UserError
 
 REMOTE_SCHEMES = ("hub://", "al://", "s3://", "gcs://", "gs://", "azure://")
 
@@ -31,3 +35,54 @@ def is_local(path: str) -> bool:
 def demo_hint(path: str) -> str:
     """For a missing path the demo makes (recipes/demo*.toml read runs/demo/...): how to make it."""
     return "; `llmctl demo` builds runs/demo first" if "runs/demo/" in f"{path}/" else ""
+
+
+# -- what kind of model directory ------------------------------------------------------------
+
+QUANTIZED_MARKER = "quantization.json"  # a quantize stage's output: backend and settings
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / QUANTIZED_MARKER).is_file()
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base an adapter names; a relative name is relative to the adapter directory (llmctl
+    writes bases inside a run directory so), else to the working directory, else a hub id."""
+    config = read_json(Path(path) / "adapter_config.json")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}/adapter_config.json: names no base_model_name_or_path")
+    beside = Path(path) / base
+    if not Path(base).is_absolute() and beside.exists():
+        return str(beside.resolve())
+    return base
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_text(path: Path, what: str = "") -> str:
+    """A text file's content; not UTF-8 is a user error naming the file and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: {what + ' ' if what else ''}not UTF-8 text (byte "
+                        f"0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; unreadable, not JSON or not an object is a user error."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return found

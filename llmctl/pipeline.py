@@ -12,10 +12,10 @@ from pathlib import Path
 
 from llmctl import distributed
 from llmctl.errors import UserError
-from llmctl.fingerprint import changed
-from llmctl.paths import demo_hint, is_local, looks_local
+from llmctl.paths import demo_hint, is_adapter_dir, is_local, looks_local
 from llmctl.progress import console
-from llmctl.recipe import Recipe, describe_changes
+from llmctl.fingerprint import changed, describe_changes
+from llmctl.recipe import Recipe
 from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
     stage_identity, stage_of_path
 from llmctl.stages import STAGES, StageContext
@@ -29,7 +29,7 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
         preflight(recipe, [stage])  # every input exists and loads
         if spec.trains:
             distributed.check_supported(recipe.distributed)
-            if distributed.should_launch(recipe.distributed, stage):
+            if distributed.should_launch(recipe.distributed):
                 # The same stage, once per process, under torchrun / accelerate launch.
                 distributed.launch(recipe, stage)
                 return (read_manifest(recipe.run_dir / stage) or {}).get("metrics", {})
@@ -74,17 +74,18 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
     for stage in stages:
         cfg = recipe.stage_config(stage)
         check_replaceable(recipe.run_dir / stage, stage)
-        for key in ("data", "calibration"):
+        spec = STAGES[stage]
+        for key in spec.data_keys:
             name = getattr(cfg, key, None)
-            if name is not None or (key == "data" and STAGES[stage].reads_data):
+            if name is not None or (key == "data" and spec.reads_data):
                 source = recipe.data_source(stage, name, key)
                 for field in ("path", "eval_path"):
                     path = getattr(source, field)
                     if path and is_local(path) and not Path(path).exists():
                         raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
                                         f"does not exist{demo_hint(path)}")
-        if STAGES[stage].check:  # the stage's own rules, before loading what it reads
-            STAGES[stage].check(recipe, cfg)
+        if spec.check:  # the stage's own rules, before loading what it reads
+            spec.check(recipe, cfg)
         for name, path in recipe.upstream_inputs(stage).items():
             upstream = stage_of_path(path, recipe.run_dir)
             if upstream in produced:
@@ -96,13 +97,13 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                                 f"{stage}.{name})")
             require_input(path, f"{stage}.{name}")
             if name != "tokenizer" and Path(path).exists():
-                from llmctl.models import check_loadable, is_adapter_dir
+                from llmctl.models import check_loadable
 
                 if name == "adapter" and not is_adapter_dir(path):
                     raise UserError(f"{stage}.adapter: {path} is not a LoRA adapter directory "
                                     f"(no adapter_config.json)")
                 check_loadable(path, recipe.model, f"{stage}.{name}",
-                               causal_lm=stage != "reward" and not name.startswith("reward_model"))
+                               causal_lm=not name.startswith(spec.classifier_inputs))
         for key in ("tokenizer", "task_path", "prompts_file"):
             path = getattr(cfg, key, None)
             if path and looks_local(path) and not Path(path).exists():

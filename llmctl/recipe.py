@@ -7,8 +7,6 @@ from.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +14,8 @@ from typing import Any, Optional
 from pydantic import Field, ValidationError, create_model
 
 from llmctl.errors import UserError
-from llmctl.paths import is_local
+from llmctl.fingerprint import config_hash
+from llmctl.paths import is_local, read_text
 from llmctl.schema import (DataSource, DistributedConfig, ModelConfig, RunConfig, Section,
                            union_tag)
 from llmctl.stages import REGISTRY, STAGES, model_stages, stage_models
@@ -65,12 +64,7 @@ class RecipeTables(Section):
         paths resolved (inside the run directory: relative to it, so a moved or copied run
         directory hashes the same). Contents of inputs are checked apart (``input_paths``)."""
         section = self._normalize_paths(self.stage_config(stage).model_dump())
-        if stage == "bench":
-            section["models"] = [m if m in stage_models() else self.normalize_path(m)
-                                 for m in section["models"]]
         model = self.model.model_dump(include=set(LOAD_KEYS))
-        if stage == "pretrain" and not section.get("tokenizer") and self.model.tokenizer:
-            model["tokenizer"] = self.normalize_path(self.model.tokenizer)
         data = {}
         for name in self.stage_sources(stage):
             source = self.data[name].model_dump()
@@ -83,11 +77,16 @@ class RecipeTables(Section):
 
     def _normalize_paths(self, table: dict[str, Any]) -> dict[str, Any]:
         """``normalize_path`` on every path key of a table, nested tables and lists included
-        (a GRPO reward's ``model``)."""
+        (a GRPO reward's ``model``); a stage's name where a model goes stays as written."""
+        def normalize(value: str) -> str:
+            return value if value in stage_models() else self.normalize_path(value)
+
         out = {}
         for key, value in table.items():
             if key in PATH_KEYS and isinstance(value, str):
-                value = self.normalize_path(value)
+                value = normalize(value)
+            elif key in PATH_KEYS and isinstance(value, list):
+                value = [normalize(v) if isinstance(v, str) else v for v in value]
             elif isinstance(value, dict):
                 value = self._normalize_paths(value)
             elif isinstance(value, list):
@@ -109,9 +108,7 @@ class RecipeTables(Section):
     def stage_sources(self, stage: str) -> list[str]:
         """Names of the [data.*] sources a stage reads (its data, its calibration data)."""
         cfg = self.stage_config(stage)
-        names = [getattr(cfg, "data", None)]
-        if stage == "quantize":
-            names.append(cfg.calibration or cfg.data)
+        names = [getattr(cfg, key, None) for key in STAGES[stage].data_keys]
         return [n for n in dict.fromkeys(names) if n and n in self.data]
 
     # -- inputs ------------------------------------------------------------------------------
@@ -128,8 +125,6 @@ class RecipeTables(Section):
         for name in self.stage_sources(stage):
             paths += [self.data[name].path, self.data[name].eval_path]
         paths += [getattr(cfg, key, None) for key in ("tokenizer", "task_path", "prompts_file")]
-        if stage == "pretrain" and not cfg.tokenizer:
-            paths.append(self.model.tokenizer)
         return list(dict.fromkeys(p for p in paths if p))
 
     # -- which model a stage reads by default ----------------------------------------------------
@@ -196,47 +191,10 @@ Recipe = create_model("Recipe", __base__=RecipeTables,
 
 
 # Stage-table keys that hold a path (normalised in stage hashes).
-PATH_KEYS = ("model", "adapter", "base", "reward_model", "tokenizer", "task_path", "prompts_file")
+PATH_KEYS = ("model", "models", "adapter", "base", "reward_model", "tokenizer", "task_path",
+             "prompts_file")
 # [model] keys that change how every stage loads a model.
 LOAD_KEYS = ("revision", "trust_remote_code", "allow_pickle", "dtype")
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"sft": {"lr": 1}} -> {"sft.lr": 1}: the dotted keys --set uses."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
-    """``sft.lr: 0.002 -> 0.001, data.sentiment.path changed``: what differs between two
-    ``hashed_config`` results, at most ``limit`` items."""
-    before, after = flatten(old), flatten(new)
-    items = []
-    for key in [*before, *(k for k in after if k not in before)]:
-        if before.get(key, _MISSING) == after.get(key, _MISSING):
-            continue
-        if key not in before:
-            items.append(f"{key} added ({after[key]!r})")
-        elif key not in after:
-            items.append(f"{key} removed")
-        elif key.endswith(("path", "eval_path")) or key.startswith("inputs."):
-            items.append(f"{key} changed ({before[key]} -> {after[key]})")
-        else:
-            items.append(f"{key}: {before[key]!r} -> {after[key]!r}")
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-_MISSING = object()
 
 
 def _unique_label(path: str, taken: dict[str, str]) -> str:
@@ -351,17 +309,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = validate(raw, str(path))
     recipe.overrides = list(overrides or [])
     return recipe
-
-
-def read_text(path: Path, what: str = "") -> str:
-    """A text file's content; not UTF-8 is a user error naming the file and the byte."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: {what + ' ' if what else ''}not UTF-8 text (byte "
-                        f"0x{err.object[err.start]:02x} at offset {err.start})") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
 
 
 def dump_resolved(recipe: Recipe) -> dict[str, Any]:

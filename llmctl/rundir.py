@@ -1,4 +1,4 @@
-"""Run directory lifecycle (GUIDE §2).
+"""Run directory lifecycle.
 
 A stage works in ``<run_dir>/.partial/<stage>/`` and only when it has finished is that
 directory given its ``manifest.json`` and moved to ``<run_dir>/<stage>/`` with one rename. So:
@@ -30,12 +30,12 @@ from typing import Any, Iterator
 
 from llmctl import distributed
 from llmctl.errors import UserError
-from llmctl.fingerprint import model_fingerprint, path_fingerprint
+from llmctl.fingerprint import BASE_FINGERPRINT, config_hash, describe_changes, model_fingerprint, \
+    path_fingerprint
 from llmctl.paths import is_local, is_remote, looks_local  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
 LOCK = ".llmctl.lock"
-BASE_FINGERPRINT = "base_fingerprint.json"  # next to an adapter's adapter_config.json
 TRACKED_PACKAGES = (
     "llmctl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deeplake",
     "tokenizers", "lm-eval", "neural-compressor", "optimum-intel", "openvino", "bitsandbytes",
@@ -236,7 +236,6 @@ class StageRun:
         """Begin ``stage`` of ``recipe``: hash its config, fingerprint its inputs, take the
         work directory. Call it once every input is validated and loaded."""
         config = recipe.hashed_config(stage)
-        from llmctl.recipe import config_hash
 
         return cls(recipe.run_dir, stage, config_hash(config), recipe.run.seed,
                    recipe.stage_config(stage).model_dump(),
@@ -292,7 +291,6 @@ class StageRun:
         if self.superseded_dir.exists():
             shutil.rmtree(self.superseded_dir)  # older still than the one set aside now
         os.replace(self.work_dir, self.superseded_dir)
-        from llmctl.recipe import describe_changes
 
         change = describe_changes(found["config"], self.config) if "config" in found else ""
         _say(f"  {self.stage}: config changed since the interrupted run"

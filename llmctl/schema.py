@@ -9,10 +9,9 @@ dotted key (``llmctl.recipe.validate``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # transformers' SchedulerType values (tests check the two agree).
@@ -180,16 +179,23 @@ class LoraConfig(Section):
                                              "None: a per-architecture default")
 
 
-class SftConfig(TrainConfig):
+class PolicyTrainConfig(TrainConfig):
+    """What the stages that tune a causal LM policy share (sft, dpo, grpo, rloo)."""
+
     eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
                                 "is scored on before and after (when the answers are a few "
                                 "labels)")
+    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
+                                            "fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the LoRA adapter (unused "
+                             "with method = \"full\")")
+
+
+class SftConfig(PolicyTrainConfig):
     model: str | None = Field(None, description="the model to tune; default: upstream "
                               "pretrain output, else model.name_or_path")
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="lora, qlora (LoRA on a 4-bit NF4 base; CUDA) or full fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\" or \"qlora\")")
     seq_len: int = Field(1024, ge=2, description="maximum tokens per training sequence (the "
                          "block length when packing)")
     packing: bool = Field(True, description="pack examples into full seq_len blocks, else one "
@@ -298,20 +304,16 @@ def _names_response(text: str | None) -> str | None:
     return text
 
 
-class DpoConfig(TrainConfig):
-    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
-                                "is scored on before and after (when the answers are a few "
-                                "labels)")
+class DpoConfig(PolicyTrainConfig):
     model: str | None = Field(None, description="the policy to tune; default: the upstream "
                               "merge/sft model")
-    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
-                                            "fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\")")
     beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the policy is held to "
                         "the reference (higher: closer)")
-    loss_type: str = Field("sigmoid", description="trl's DPO loss name: sigmoid, ipo, hinge, "
-                           "robust, ...")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                       "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                       "sigmoid_norm"] = Field(
+        "sigmoid", description="trl's DPO loss (sigmoid is the DPO paper's; ipo, hinge, "
+                               "robust, ...)")
     rpo_alpha: float | None = Field(None, gt=0, description="adds the chosen answers' NLL, this "
                                     "weighted, to the loss (RPO): the policy keeps saying them "
                                     "instead of only ranking them higher")
@@ -406,18 +408,11 @@ GrpoReward = Annotated[Union[LabelMatchReward, RegexReward, LengthReward, ModelR
                              FunctionReward], Field(discriminator="kind")]
 
 
-class GroupRLConfig(TrainConfig):
+class GroupRLConfig(PolicyTrainConfig):
     """Online RL on groups of sampled completions per prompt, scored by verifiable rewards
     and/or reward models (GRPO, RLOO): what both stages' tables share."""
 
     model: str | None = Field(None, description="policy; default: the upstream merge/sft model")
-    eval_task_rows: int = Field(200, ge=1, description="held-out rows whose label the model "
-                                "is scored on before and after (when the answers are a few "
-                                "labels)")
-    method: Literal["lora", "full"] = Field("lora", description="a LoRA adapter or full "
-                                            "fine-tuning")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (method = "
-                             "\"lora\")")
     rewards: list[GrpoReward] = Field(..., min_length=1, description="the rewards, weighted "
                                       "and summed")
     num_generations: int = Field(8, ge=2, description="completions per prompt (the group)")
@@ -475,7 +470,11 @@ class MergeConfig(Section):
 
 class QuantizeCommon(Section):
     """Post-training quantization with an accuracy criterion (see llmctl.quantization): what
-    every backend shares. Each backend's table adds its own methods and fields below."""
+    every backend shares. Each backend's table (in its module under llmctl/quantization/) adds
+    its ``backend`` and ``method`` literals and its own fields."""
+
+    # method -> what to say when a recipe asks this backend for a method it lacks
+    method_hints: ClassVar[dict[str, str]] = {}
 
     model: str | None = Field(None, description="a stage (\"dpo\") or a model path; default: the "
                               "last trained model (ppo > rloo > grpo > dpo > merge > sft > pretrain)")
@@ -508,10 +507,10 @@ class QuantizeCommon(Section):
         # Before field validation, to say which backend lacks the method (and what to use).
         methods = get_args(cls.model_fields["method"].annotation)
         if isinstance(raw, dict) and raw.get("method", methods[0]) not in methods:
-            backend = _quantize_backend(raw)
+            backend = quantize_backend(raw)
             raise ValueError(f"method: {raw['method']!r} is not a method of backend "
                              f"\"{backend}\" (methods: {', '.join(methods)})"
-                             + (INC_INT8_HINT if raw["method"] in ("dynamic", "static") else ""))
+                             + cls.method_hints.get(raw["method"], ""))
         return raw
 
     @model_validator(mode="after")
@@ -527,88 +526,23 @@ class QuantizeCommon(Section):
                                                     "sym") if key in type(self).model_fields}
 
 
-class IncQuantize(QuantizeCommon):
-    """Intel neural-compressor weight-only quantization (INT4/INT8 groups)."""
-
-    backend: Literal["inc"] = Field("inc", description="the quantization backend (the default)")
-    method: Literal["rtn", "gptq", "awq"] = Field(
-        "rtn", description="round-to-nearest, or GPTQ / AWQ (calibrated)")
-    bits: Literal[4, 8] = Field(4, description="weight bits")
-    group_size: int = Field(128, ge=-1, description="-1: one group per output channel")
-    sym: bool = Field(True, description="symmetric quantization (no zero point)")
+DEFAULT_QUANTIZE_BACKEND = "inc"
 
 
-
-class TorchQuantize(QuantizeCommon):
-    """PyTorch dynamic INT8: int8 weights per output channel, activations quantized on the fly."""
-
-    backend: Literal["torch"] = Field(..., description="the quantization backend")
-    method: Literal["dynamic"] = Field("dynamic", description="dynamic INT8 (the only method)")
-    bits: Literal[8] = Field(8, description="weight bits (INT8 only)")
+def quantize_backend(raw: Any) -> str:
+    return raw.get("backend", DEFAULT_QUANTIZE_BACKEND) if isinstance(raw, dict) else raw.backend
 
 
-class OpenVinoQuantize(QuantizeCommon):
-    """OpenVINO through optimum-intel/NNCF: weight-only INT4/INT8, or static INT8."""
-
-    backend: Literal["openvino"] = Field(..., description="the quantization backend")
-    method: Literal["weight", "static"] = Field(
-        "weight", description="weight: weight-only compression; static: INT8 weights and "
-        "activations, calibrated")
-    bits: Literal[4, 8] = Field(4, description="weight bits (static: 8)")
-    group_size: int = Field(128, ge=-1, description="INT4: weights per quantization group; -1: "
-                            "one group per output channel")
-    sym: bool = Field(True, description="symmetric quantization (no zero point)")
-    smooth_quant: bool = Field(True, description="static: SmoothQuant before quantizing")
-    smooth_quant_alpha: float = Field(0.95, ge=0, le=1, description="SmoothQuant's migration "
-                                      "strength (0.95 is NNCF's default for transformers)")
-
-    @model_validator(mode="after")
-    def _static_is_int8(self) -> "OpenVinoQuantize":
-        if self.method == "static" and self.bits != 8:
-            raise ValueError("bits: openvino static quantization is INT8 (bits = 8)")
-        return self
-
-
-class BnbQuantize(QuantizeCommon):
-    """bitsandbytes 8-bit or 4-bit NF4 weights through transformers (CUDA)."""
-
-    backend: Literal["bnb"] = Field(..., description="the quantization backend")
-    method: Literal["weight"] = Field("weight", description="weight-only (the only method)")
-    bits: Literal[4, 8] = Field(4, description="weight bits: 8-bit, or 4-bit NF4")
-
-
-class GgufQuantize(QuantizeCommon):
-    """One GGUF file for llama.cpp and Ollama (llama and qwen2 models)."""
-
-    backend: Literal["gguf"] = Field(..., description="the quantization backend")
-    method: Literal["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "bf16", "f16"] = Field(
-        "q8_0", description="llama.cpp's weight type: q8_0 (8.5 bits per weight), q5_1, q5_0, "
-        "q4_1, q4_0 (4.5), or bf16 / f16; the trials go on toward more bits")
-
-
-def _quantize_backend(raw: Any) -> str:
-    return raw.get("backend", "inc") if isinstance(raw, dict) else raw.backend
+# Tables whose type is picked by one of their keys: table -> that key's value in a raw table.
+TAGGED_TABLES = {"quantize": quantize_backend}
 
 
 def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
     """Which member of a tagged union the raw table under ``key`` is: [quantize]'s
     ``backend`` (default "inc"), a grpo.rewards item's ``kind``."""
-    if key == "quantize":
-        return _quantize_backend(table)
+    if key in TAGGED_TABLES:
+        return TAGGED_TABLES[key](table)
     return table.get("kind") if isinstance(key, int) else None
-
-
-# [quantize]: one table type per backend, picked by `backend` (default "inc"), so a field or
-# method another backend owns is an error at load time and in --dry-run.
-QuantizeConfig = Annotated[
-    Union[Annotated[IncQuantize, Tag("inc")], Annotated[TorchQuantize, Tag("torch")],
-          Annotated[OpenVinoQuantize, Tag("openvino")], Annotated[BnbQuantize, Tag("bnb")],
-          Annotated[GgufQuantize, Tag("gguf")]],
-    Discriminator(_quantize_backend, custom_error_type="unknown_backend",
-                  custom_error_message="backends: inc, torch, openvino, bnb, gguf")]
-INC_INT8_HINT = ("; neural-compressor 3.x runs dynamic/static INT8 through a PT2E graph export "
-                 "that cannot drive generate(): use backend = \"torch\", method = \"dynamic\" or "
-                 "backend = \"openvino\", method = \"static\"")
 
 
 class LatencyConfig(Section):

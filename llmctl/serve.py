@@ -713,8 +713,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) -> None:
     import uvicorn
 
-    from llmctl.models import check_loadable, device, load_causal_lm, load_tokenizer, model_dir
-    from llmctl.quantization.openvino import has_genai_files
+    from llmctl.models import check_loadable, device, load_tokenizer, model_dir
+    from llmctl.quantization import load_model, runtime
 
     path, name = resolve_model(recipe, model)
     check_loadable(path, recipe.model, "--model")
@@ -722,10 +722,10 @@ def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) 
     api_key = os.environ.get(API_KEY_ENV) or None
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
     directory = model_dir(path)  # a .gguf file's converted directory
-    if has_genai_files(directory):
+    if runtime(directory) == "openvino-genai":
         engine: Engine = GenaiEngine(directory, tokenizer, name, max_batch)
     else:
-        engine = TransformersEngine(load_causal_lm(path, recipe.model).to(device()).eval(),
+        engine = TransformersEngine(load_model(path, recipe.model).to(device()).eval(),
                                     tokenizer, name, max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -213,6 +213,23 @@ def save_trained(trainer: Trainer, model, tokenizer, path, stage: StageRun) -> N
         save_model(model, tokenizer, path)
 
 
+def finish_training(trainer: Trainer, stage: StageRun, cfg: TrainConfig, tokenizer, output: str,
+                    metrics: dict[str, float], model=None) -> dict[str, float]:
+    """How every Trainer stage ends: the final weights (``model``, default the trainer's) saved
+    as ``output`` ("model" or "adapter"), the loss curve and log, the stage's ``metrics`` with
+    the losses, step and batch and schedule figures added, the manifest written and the stage
+    published. Returns all the metrics."""
+    save_trained(trainer, trainer.model if model is None else model, tokenizer,
+                 stage.path(output), stage)
+    logs = save_training_log(trainer, stage)
+    first, last = loss_first_last(trainer.state.log_history)
+    metrics = {**metrics, "train_loss_first": first, "train_loss_last": last,
+               "global_step": trainer.state.global_step,
+               **batch_metrics(cfg), **schedule_metrics(trainer)}
+    stage.finish(metrics, {output: output, **logs})
+    return metrics
+
+
 def batch_metrics(cfg: TrainConfig) -> dict[str, int]:
     """Samples per optimizer step across all processes, and how many processes there were."""
     world = distributed.world_size()

@@ -1,4 +1,4 @@
-"""CLI contract (GUIDE §2): exit codes 0/1/2, one-line errors, --dry-run, run skipping, data."""
+"""The CLI's contract: exit codes 0/1/2, one-line errors, --dry-run, run skipping, data."""
 
 import json
 import shutil

@@ -106,6 +106,27 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in lines if line.startswith("llmctl ")]
 
 
+def test_readme_commands_parse():
+    """The README's commands name llmctl's commands, options and arguments as they are: each
+    parses (the slow demo test runs them), so a renamed option fails here, in the fast tier."""
+    import click
+    import typer.main
+
+    from llmctl.cli import app
+    commands = readme_commands()
+    assert len(commands) >= 7, commands  # the quick start and "Your own data"
+    for command in commands:
+        name, args = command[0], command[1:]
+        cmd: click.Command = typer.main.get_command(app)
+        ctx = click.Context(cmd, info_name=name)
+        while isinstance(cmd, click.Group):  # `llmctl data show ...`: down to `show`
+            name, args = args[0], args[1:]
+            cmd = cmd.get_command(ctx, name)
+            assert cmd is not None, command
+            ctx = click.Context(cmd, info_name=name, parent=ctx)
+        cmd.make_context(name, list(args), parent=ctx.parent)  # raises click.UsageError if not
+
+
 def check_readme_commands(work: Path, capsys, monkeypatch) -> None:
     """The README's commands, as a user types them after `make demo` (runs/demo in the working
     directory): each exits 0. `llmctl demo` made the run; `llmctl serve` runs until stopped

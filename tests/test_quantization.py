@@ -32,7 +32,7 @@ def test_torch_int8_round_trip_is_exact_and_smaller(tiny_lm, tmp_path):
 
     quantization.save(qmodel, chosen, tmp_path / "q", tokenizer)
     assert json.loads((tmp_path / "q" / quantization.MARKER).read_text()) == chosen
-    loaded = load_causal_lm(str(tmp_path / "q"))  # any stage's loader reads the marker
+    loaded = quantization.load_model(str(tmp_path / "q"))  # generate/bench/serve read the marker
     ids = tokenizer("The function returns", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(qmodel(**ids).logits, loaded(**ids).logits)
@@ -59,7 +59,7 @@ def test_int8_weights_take_a_quarter_of_the_bytes(tiny_lm, tmp_path):
 def test_ladder_falls_back_the_head_then_layers_from_both_ends(tiny_lm):
     from llmctl.models import load_causal_lm
     from llmctl.quantization import trial_settings
-    from llmctl.schema import TorchQuantize
+    from llmctl.quantization.torch_dynamic import TorchQuantize
 
     ladder = trial_settings(TorchQuantize(backend="torch"), load_causal_lm(str(tiny_lm)))
     assert [s["fp32_modules"] for s in ladder] == [
@@ -108,7 +108,7 @@ def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm,
     assert (tmp_path / "q" / "openvino_tokenizer.xml").exists()
     assert (tmp_path / "q" / "openvino_detokenizer.xml").exists()
 
-    model = load_causal_lm(str(tmp_path / "q"))
+    model = quantization.load_model(str(tmp_path / "q"))
     assert model.ov_config["INFERENCE_PRECISION_HINT"] == "f32"  # both decoders alike
     assert genai_pipeline(model) is not None and model.request is None
     text = "The function returns"
@@ -117,7 +117,7 @@ def test_openvino_model_decodes_in_openvino_genai_as_optimum_intel_does(tiny_lm,
         completions, _ = generate(model, tokenizer, text, cfg)
         assert model.request is None  # decoded by openvino-genai, not optimum-intel
         ids = tokenizer(text, return_tensors="pt")
-        reference = load_causal_lm(str(tmp_path / "q")).generate(
+        reference = quantization.load_model(str(tmp_path / "q")).generate(
             **ids, generation_config=GenerationConfig(
                 max_new_tokens=10, num_beams=cfg.num_beams, do_sample=False,
                 num_return_sequences=cfg.num_return_sequences,

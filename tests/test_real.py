@@ -144,7 +144,7 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
 
     for key, value in SMALL.items():
         small += ["--set", f"{key}={value}"]
-    small += precision_overrides()  # as `make real` does: fp32 where bf16 would be emulated
+    small += precision_overrides(RECIPE)  # as `make real` does: fp32 where bf16 would be emulated
     code, out, err = run_cli(["run", RECIPE, "--dry-run", *small], capsys)
     assert code == 0, err
     code, _, err = run_cli(["run", RECIPE, *small], capsys)

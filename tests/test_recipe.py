@@ -72,7 +72,9 @@ def test_errors_name_file_and_key(tmp_path, text, key, what):
 
 
 def test_quantize_table_type_follows_the_backend(tmp_path):
-    from llmctl.schema import IncQuantize, OpenVinoQuantize, TorchQuantize
+    from llmctl.quantization.inc import IncQuantize
+    from llmctl.quantization.openvino import OpenVinoQuantize
+    from llmctl.quantization.torch_dynamic import TorchQuantize
 
     assert type(load_recipe(write(tmp_path, BASE + "[quantize]\n")).quantize) is IncQuantize
     torch_table = load_recipe(write(tmp_path, BASE + "[quantize]\nbackend = \"torch\"\n")).quantize
@@ -250,9 +252,9 @@ def test_make_real_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
 
     recipe_path = Path(__file__).parents[1] / "recipes" / "smollm2-135m-tweets-cpu.toml"
     monkeypatch.setattr(llmctl.models, "cpu_has_native_bf16", lambda: True)
-    assert precision_overrides() == []
+    assert precision_overrides(recipe_path) == []
     monkeypatch.setattr(llmctl.models, "cpu_has_native_bf16", lambda: False)
-    overrides = precision_overrides()
+    overrides = precision_overrides(recipe_path)
     sets = [arg for flag, arg in zip(overrides[::2], overrides[1::2]) if flag == "--set"]
     as_written, overridden = load_recipe(recipe_path), load_recipe(recipe_path, sets)
     in_bf16 = [stage for stage in ("sft", "reward", "ppo", "dpo", "grpo")

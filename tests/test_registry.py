@@ -62,7 +62,7 @@ def test_run_order_and_default_models_come_from_the_registry(tmp_path):
 
 
 def test_every_table_field_has_a_description():
-    tables = schema_tables(schema)
+    tables = schema_tables(Recipe)
     assert {"RunConfig", "GrpoConfig", "LabelMatchReward", "LoraConfig", "LatencyConfig",
             "IncQuantize", "BnbQuantize"} <= {t.__name__ for t in tables}
     missing = [f"{table.__name__}.{name}" for table in tables
@@ -71,14 +71,14 @@ def test_every_table_field_has_a_description():
     assert not missing, f"fields without Field(description=...): {', '.join(missing)}"
 
 
-def schema_tables(module) -> list[type[BaseModel]]:
-    """Every Section subclass reachable from a module's names: its classes, the members of
-    its unions (QuantizeConfig, GrpoReward) and the tables its tables' fields hold."""
+def schema_tables(root: type[BaseModel]) -> list[type[BaseModel]]:
+    """Every table a recipe can hold: the tables of ``root``'s fields, the members of their
+    unions (QuantizeConfig, GrpoReward) and the tables their fields hold."""
     seen: dict[type, None] = {}
-    todo = list(vars(module).values())
+    todo = [field.annotation for field in root.model_fields.values()]
     while todo:
         item = todo.pop()
-        if isinstance(item, type) and issubclass(item, module.Section):
+        if isinstance(item, type) and issubclass(item, BaseModel):
             if item not in seen:
                 seen[item] = None
                 todo += [field.annotation for field in item.model_fields.values()]
@@ -86,3 +86,18 @@ def schema_tables(module) -> list[type[BaseModel]]:
             todo += get_args(item)  # Union, Annotated, list[...], dict[..., ...]
     return [table for table in seen if table.model_fields]
 
+
+
+def test_recipe_reference_is_current():
+    """docs/recipe-reference.md is what the schema says now: a key added without rerunning
+    scripts/recipe_reference.py fails here."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "recipe_reference.py"
+    spec = importlib.util.spec_from_file_location("recipe_reference", script)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    text = reference.render()
+    assert "| `trust_remote_code` | bool | `false` |" in text  # a key, its type and default
+    assert '## [quantize] [backend = "openvino"]' in text  # each union member's own table
+    assert reference.OUT.read_text() == text, "run: python scripts/recipe_reference.py"

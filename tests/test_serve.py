@@ -102,10 +102,11 @@ def client(server):
 def reference(served):
     """What `llmctl generate` answers, in this process: the server must say the same (for the
     OpenVINO model, generate decodes in openvino-genai's LLMPipeline, one request alone)."""
-    from llmctl.models import load_causal_lm, load_tokenizer
+    from llmctl.models import load_tokenizer
+    from llmctl.quantization import load_model
     from llmctl.stages.generate import generate
 
-    model = load_causal_lm(str(served[1])).eval()
+    model = load_model(str(served[1])).eval()
     tokenizer = load_tokenizer(str(served[1]), padding_side="left")
 
     def greedy(text: str, max_tokens: int, chat: bool = False) -> str:

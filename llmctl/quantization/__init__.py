@@ -1,6 +1,8 @@
 """Quantization backends: make a causal LM smaller (and on CPU faster), save it, load it back.
 
-One module per backend (``quantize.backend``), each a :class:`Backend`:
+A backend (``quantize.backend``) is one module here, holding its recipe table and a
+:class:`~llmctl.quantization.common.QuantizeBackend`; :data:`BACKENDS` lists them, and the
+[quantize] table's type, its error messages and the command's help are built from that list:
 
 - ``inc`` (:mod:`.inc`): Intel Neural Compressor's ``neural_compressor.torch`` API, weight-only
   RTN, GPTQ or AWQ with ``bits`` and ``group_size``, saved in INC's Hugging Face layout.
@@ -17,64 +19,66 @@ One module per backend (``quantize.backend``), each a :class:`Backend`:
   GGUF import.
 
 Which methods and bits each backend takes is checked when the recipe loads
-(``schema.QuantizeConfig``). A quantized model directory holds ``quantization.json`` (backend
-and settings) next to its weights and tokenizer; :func:`load` reads it to pick the backend, so
-``generate`` and ``bench`` load every stage's output the same way.
+(:data:`QuantizeConfig`). A quantized model directory holds ``quantization.json`` (backend and
+settings) next to its weights and tokenizer; :func:`load_model` reads it to pick the backend,
+so ``generate``, ``bench`` and ``serve`` load every stage's output the same way.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-import torch
+from pydantic import Discriminator, Tag
 
 from llmctl.errors import UserError
-from llmctl.quantization.common import Calibration, decline_openvino_telemetry
+from llmctl.paths import QUANTIZED_MARKER, is_quantized_dir
+from llmctl.quantization import bnb, gguf_export, inc, openvino, torch_dynamic
+from llmctl.quantization.common import Calibration, QuantizeBackend, decline_openvino_telemetry
+from llmctl.schema import quantize_backend
 
-MARKER = "quantization.json"
-CALIBRATED_METHODS = ("gptq", "awq", "static")
+if TYPE_CHECKING:
+    import torch
+
+MARKER = QUANTIZED_MARKER
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
-__all__ = ["MARKER", "CALIBRATED_METHODS", "Backend", "Calibration", "check_supported",
-           "decline_openvino_telemetry", "is_quantized_dir", "load", "quantize", "save",
-           "tensor_bytes", "trial_settings", "weight_bytes"]
+BACKENDS: dict[str, QuantizeBackend] = {
+    b.name: b for b in (inc.BACKEND, torch_dynamic.BACKEND, openvino.BACKEND, bnb.BACKEND,
+                        gguf_export.BACKEND)}
+
+# [quantize]: one table type per backend, picked by `backend` (default "inc"), so a field or
+# method another backend owns is an error at load time and in --dry-run.
+QuantizeConfig = Annotated[
+    Union[tuple(Annotated[b.table, Tag(name)] for name, b in BACKENDS.items())],
+    Discriminator(quantize_backend, custom_error_type="unknown_backend",
+                  custom_error_message=f"backends: {', '.join(BACKENDS)}")]
+
+# the quantize command's help
+SUMMARY = f"Quantize a model ({', '.join(b.label for b in BACKENDS.values())})."
+
+__all__ = ["BACKENDS", "MARKER", "Calibration", "QuantizeBackend", "QuantizeConfig", "SUMMARY",
+           "backend", "calibrates", "check_supported", "decline_openvino_telemetry", "describe",
+           "is_quantized_dir", "load", "load_model", "native_generate", "quantize", "runtime",
+           "save", "tensor_bytes", "trial_settings", "weight_bytes"]
 
 
-class Backend(Protocol):
-    def check(self) -> None:
-        """Exit 2 when this machine or install cannot run the backend."""
-
-    def ladder(self, cfg, base: dict[str, Any], model: torch.nn.Module) -> list[dict[str, Any]]:
-        """Settings to try, ``base`` (the recipe's) first, each next one gentler on accuracy."""
-
-    def quantize(self, model: torch.nn.Module, source_dir: str, settings: dict[str, Any],
-                 calibration: Calibration | None):
-        """A quantized copy of ``model`` (``source_dir`` holds it, for exporting backends)."""
-
-    def save(self, qmodel, out_dir: Path, tokenizer) -> None:
-        """The weights, in a format :meth:`load` reads (safetensors or OpenVINO IR), and any
-        form of the tokenizer the backend's own runtime needs (the transformers one is saved
-        for every backend)."""
-
-    def load(self, path: Path, settings: dict[str, Any]):
-        """The model :meth:`save` wrote, ready for ``generate`` and forward passes."""
-
-
-def backend(name: str) -> Backend:
-    from llmctl.quantization import bnb, gguf_export, inc, openvino, torch_dynamic
-
-    backends = {"torch": torch_dynamic.TorchDynamic(), "inc": inc.Inc(),
-                "openvino": openvino.OpenVino(), "bnb": bnb.Bnb(), "gguf": gguf_export.Gguf()}
-    if name not in backends:
+def backend(name: str) -> QuantizeBackend:
+    if name not in BACKENDS:
         raise UserError(f"quantize.backend: unknown backend {name!r} "
-                        f"(backends: {', '.join(backends)})")
-    return backends[name]
+                        f"(backends: {', '.join(BACKENDS)})")
+    return BACKENDS[name]
 
 
-def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+def calibrates(settings: dict[str, Any]) -> bool:
+    """Whether these settings' method needs calibration data (GPTQ, AWQ, static INT8)."""
+    return settings["method"] in backend(settings["backend"]).calibrated
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """One trial's settings in a few words: ``openvino weight 4-bit group 128 ratio 0.8``."""
+    return backend(settings["backend"]).describe(settings)
 
 
 def check_supported(backend_name: str, model: str | None = None, key: str = "quantize.model"
@@ -83,19 +87,19 @@ def check_supported(backend_name: str, model: str | None = None, key: str = "qua
     local ``model``) cannot quantize that model's family."""
     chosen = backend(backend_name)
     chosen.check()
-    if model is not None and hasattr(chosen, "check_model"):
+    if model is not None:
         chosen.check_model(model, key)
 
 
-def trial_settings(cfg, model: torch.nn.Module) -> list[dict[str, Any]]:
+def trial_settings(cfg, model: "torch.nn.Module") -> list[dict[str, Any]]:
     """The accuracy-driven search's settings, the recipe's own first, at most ``max_trials``."""
     return backend(cfg.backend).ladder(cfg, cfg.settings(), model)[: cfg.max_trials]
 
 
-def quantize(model: torch.nn.Module, source_dir: str, settings: dict[str, Any],
+def quantize(model: "torch.nn.Module", source_dir: str, settings: dict[str, Any],
              calibration: Calibration | None = None):
     """A quantized copy of ``model``. ``calibration`` is needed by GPTQ, AWQ and static INT8."""
-    if settings["method"] in CALIBRATED_METHODS and calibration is None:
+    if calibrates(settings) and calibration is None:
         raise UserError(f"quantize.calibration: {settings['method']} needs calibration data")
     return backend(settings["backend"]).quantize(model, source_dir, settings, calibration)
 
@@ -108,6 +112,15 @@ def save(qmodel, settings: dict[str, Any], out_dir: Path, tokenizer) -> None:
     (out_dir / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def load_model(path: str, model_cfg=None):
+    """Any model generate, bench and serve are given: a quantize stage's output by its
+    backend, anything else (a directory, an adapter, a hub id, a .gguf file) by transformers."""
+    from llmctl.models import load_causal_lm, model_dir
+
+    path = model_dir(path)
+    return load(path) if is_quantized_dir(path) else load_causal_lm(path, model_cfg)
+
+
 def load(path: str | Path):
     """A quantized model saved by :func:`save`."""
     path = Path(path)
@@ -116,16 +129,36 @@ def load(path: str | Path):
         chosen = backend(settings["backend"])
     except UserError:
         raise UserError(f"{path / MARKER}: unknown backend {settings['backend']!r}") from None
-    return chosen.load(path, settings)
+    model = chosen.load(path, settings)
+    model.llmctl_backend = chosen.name  # which backend's runtime decodes it (native_generate)
+    return model
+
+
+def runtime(path: str | Path) -> str | None:
+    """What runs a model directory when not transformers: its backend's runtime
+    ("openvino-genai"), for a quantize stage's output whose runtime is installed."""
+    if not is_quantized_dir(path):
+        return None
+    settings = json.loads((Path(path) / MARKER).read_text())
+    chosen = BACKENDS.get(settings.get("backend"))
+    return chosen.runtime if chosen and chosen.runtime_ready(Path(path)) else None
+
+
+def native_generate(model, input_ids: "torch.Tensor", config) -> list[list[int]] | None:
+    """New token ids of each returned sequence of one prompt, decoded by the runtime of the
+    backend that loaded ``model`` (openvino-genai's C++ loop); None for any other model, or a
+    setting that runtime lacks: the caller then uses ``model.generate``."""
+    chosen = BACKENDS.get(getattr(model, "llmctl_backend", None))
+    return chosen.generate(model, input_ids, config) if chosen else None
 
 
 def weight_bytes(path: str | Path) -> int:
-    """Bytes of weight files in a model directory (safetensors, OpenVINO .bin, GGUF)."""
+    """Bytes of weight files in a model directory (safetensors, OpenVINO .bin)."""
     return sum(f.stat().st_size for f in Path(path).iterdir()
                if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def tensor_bytes(model: torch.nn.Module) -> int:
+def tensor_bytes(model: "torch.nn.Module") -> int:
     """Bytes of a model's parameters and buffers, each shared tensor counted once."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import Field
 
 from llmctl.errors import UserError
+from llmctl.quantization.common import QuantizeBackend
+from llmctl.schema import QuantizeCommon
 
 
-class Bnb:
+class BnbQuantize(QuantizeCommon):
+    """bitsandbytes 8-bit or 4-bit NF4 weights through transformers (CUDA)."""
+
+    backend: Literal["bnb"] = Field(..., description="the quantization backend")
+    method: Literal["weight"] = Field("weight", description="weight-only (the only method)")
+    bits: Literal[4, 8] = Field(4, description="weight bits: 8-bit, or 4-bit NF4")
+
+
+class Bnb(QuantizeBackend):
+    name, table, label = "bnb", BnbQuantize, "bitsandbytes"
+
     def check(self) -> None:
+        import torch
+
         if not torch.cuda.is_available():
             raise UserError("quantize.backend: \"bnb\" (bitsandbytes) needs a CUDA GPU; on CPU "
                             "use \"torch\" (dynamic INT8), \"inc\" or \"openvino\"")
@@ -21,11 +35,9 @@ class Bnb:
             raise UserError("quantize.backend: \"bnb\" needs bitsandbytes: "
                             "pip install 'llmctl[cuda]'") from None
 
-    def ladder(self, cfg, base: dict[str, Any], model) -> list[dict[str, Any]]:
-        return [base]
-
     def quantize(self, model, source_dir: str, settings: dict[str, Any],
                  calibration):  # pragma: no cover - CUDA only
+        import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         bits = settings["bits"]
@@ -43,3 +55,6 @@ class Bnb:
 
         return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
                                                     device_map={"": 0})
+
+
+BACKEND = Bnb()

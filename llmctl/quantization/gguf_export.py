@@ -20,12 +20,13 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import torch
+from pydantic import Field
 
 from llmctl.errors import UserError
+from llmctl.quantization.common import QuantizeBackend
+from llmctl.schema import QuantizeCommon
 
 GGUF_FILE = "model.gguf"  # in the quantize stage's model/ directory, beside the Modelfile
 MODELFILE = "Modelfile"
@@ -55,7 +56,18 @@ def _qtype(method: str):
     return getattr(gguf.GGMLQuantizationType, method.upper())
 
 
-class Gguf:
+class GgufQuantize(QuantizeCommon):
+    """One GGUF file for llama.cpp and Ollama (llama and qwen2 models)."""
+
+    backend: Literal["gguf"] = Field(..., description="the quantization backend")
+    method: Literal["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "bf16", "f16"] = Field(
+        "q8_0", description="llama.cpp's weight type: q8_0 (8.5 bits per weight), q5_1, q5_0, "
+        "q4_1, q4_0 (4.5), or bf16 / f16; the trials go on toward more bits")
+
+
+class Gguf(QuantizeBackend):
+    name, table, label = "gguf", GgufQuantize, "GGUF"
+
     def check(self) -> None:
         try:
             import gguf  # noqa: F401
@@ -94,6 +106,12 @@ class Gguf:
     def load(self, path: Path, settings: dict[str, Any]):
         return load_gguf(Path(path) / GGUF_FILE)
 
+    def describe(self, settings: dict[str, Any]) -> str:
+        return f"gguf {settings['method']}"  # the method names its bits
+
+
+BACKEND = Gguf()
+
 
 def load_gguf(file: Path):
     """The exported model for ``generate``, ``bench`` and ``serve``: llmctl's own GGUF import
@@ -106,6 +124,7 @@ def load_gguf(file: Path):
 def read_back(file: Path, out_dir: Path):
     """The GGUF read back through llmctl's import into ``out_dir`` (not the shared cache: a
     trial's file is scored once and deleted)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from llmctl.gguf import convert, read_metadata
@@ -216,7 +235,7 @@ def write_tensors(writer, model, arch: str, method: str) -> None:
         writer.add_tensor(gguf_name, values, raw_dtype=raw_dtype)
 
 
-def tensor_method(gguf_name: str, data: np.ndarray, method: str) -> str:
+def tensor_method(gguf_name: str, data, method: str) -> str:
     if data.ndim < 2:
         return "f32"
     if method.startswith(("q4", "q5")) and gguf_name.startswith(("token_embd.", "output.")):
@@ -224,10 +243,12 @@ def tensor_method(gguf_name: str, data: np.ndarray, method: str) -> str:
     return method
 
 
-def encode(data: np.ndarray, method: str):
+def encode(data, method: str):
     """(values or bytes, their GGML type) of ``data`` in ``method``; a row
     length the block size does not divide falls back to f16, as llama.cpp's converter does."""
     import gguf
+
+    import numpy as np
 
     if method == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
@@ -237,7 +258,7 @@ def encode(data: np.ndarray, method: str):
         return data.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-def permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+def permute(weights, n_head: int, n_head_kv: int):
     """Query/key rows from transformers' rotary layout (each head's first half, then its
     second) to llama.cpp's (the two halves interleaved), as llama.cpp's converter does."""
     if n_head_kv != n_head:

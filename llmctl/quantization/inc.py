@@ -5,12 +5,33 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from llmctl.quantization.common import QuantizeBackend
+from llmctl.schema import QuantizeCommon
 
 
-class Inc:
-    def check(self) -> None:
-        pass  # a core dependency
+class IncQuantize(QuantizeCommon):
+    """Intel neural-compressor weight-only quantization (INT4/INT8 groups)."""
+
+    method_hints: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("dynamic", "static"), "; neural-compressor 3.x runs dynamic/static INT8 through a PT2E graph "
+        "export that cannot drive generate(): use backend = \"torch\", method = \"dynamic\" or "
+        "backend = \"openvino\", method = \"static\"")
+
+    backend: Literal["inc"] = Field("inc", description="the quantization backend (the default)")
+    method: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="round-to-nearest, or GPTQ / AWQ (calibrated)")
+    bits: Literal[4, 8] = Field(4, description="weight bits")
+    group_size: int = Field(128, ge=-1, description="-1: one group per output channel")
+    sym: bool = Field(True, description="symmetric quantization (no zero point)")
+
+
+class Inc(QuantizeBackend):
+    name, table, label = "inc", IncQuantize, "neural-compressor"
+    calibrated = ("gptq", "awq")
 
     def ladder(self, cfg, base: dict[str, Any], model) -> list[dict[str, Any]]:
         """Smaller groups, then 8 bits."""
@@ -48,6 +69,13 @@ class Inc:
         from neural_compressor.torch.quantization import load as inc_load
 
         return inc_load(str(path), format="huggingface").eval()
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        group = f" group {settings['group_size']}" if settings["bits"] == 4 else ""
+        return super().describe(settings) + group
+
+
+BACKEND = Inc()
 
 
 def halvings(group_size: int) -> list[int]:

@@ -9,16 +9,47 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import Field, model_validator
 
 from llmctl.env import quiet_nncf
 from llmctl.errors import UserError
-from llmctl.quantization.common import decline_openvino_telemetry
+from llmctl.paths import adapter_base, is_adapter_dir
+from llmctl.quantization.common import QuantizeBackend, decline_openvino_telemetry
+from llmctl.schema import QuantizeCommon
+
+if TYPE_CHECKING:
+    import torch
 
 
-class OpenVino:
+class OpenVinoQuantize(QuantizeCommon):
+    """OpenVINO through optimum-intel/NNCF: weight-only INT4/INT8, or static INT8."""
+
+    backend: Literal["openvino"] = Field(..., description="the quantization backend")
+    method: Literal["weight", "static"] = Field(
+        "weight", description="weight: weight-only compression; static: INT8 weights and "
+        "activations, calibrated")
+    bits: Literal[4, 8] = Field(4, description="weight bits (static: 8)")
+    group_size: int = Field(128, ge=-1, description="INT4: weights per quantization group; -1: "
+                            "one group per output channel")
+    sym: bool = Field(True, description="symmetric quantization (no zero point)")
+    smooth_quant: bool = Field(True, description="static: SmoothQuant before quantizing")
+    smooth_quant_alpha: float = Field(0.95, ge=0, le=1, description="SmoothQuant's migration "
+                                      "strength (0.95 is NNCF's default for transformers)")
+
+    @model_validator(mode="after")
+    def _static_is_int8(self) -> "OpenVinoQuantize":
+        if self.method == "static" and self.bits != 8:
+            raise ValueError("bits: openvino static quantization is INT8 (bits = 8)")
+        return self
+
+
+class OpenVino(QuantizeBackend):
+    name, table, label = "openvino", OpenVinoQuantize, "OpenVINO"
+    calibrated = ("static",)
+    runtime = "openvino-genai"
+
     def check(self) -> None:
         decline_openvino_telemetry()
         try:
@@ -32,8 +63,6 @@ class OpenVino:
         text generation: no export config for its ``model_type`` (optimum-intel 2.2: ministral3,
         mistral4), or one whose transformers version bounds exclude the installed transformers
         (2.2: qwen3_5_text up to 5.2, gemma4_text 5.5 and at most 5.0)."""
-        from llmctl.models import adapter_base, is_adapter_dir
-
         if is_adapter_dir(path):
             path = adapter_base(path)
         config = Path(path) / "config.json"
@@ -120,6 +149,26 @@ class OpenVino:
         model.llmctl_dir = Path(path)  # what genai_pipeline opens
         return model
 
+    def runtime_ready(self, path: Path) -> bool:
+        return has_genai_files(path)
+
+    def generate(self, model, input_ids: "torch.Tensor", config) -> list[list[int]] | None:
+        return genai_generate(model, input_ids, config)
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        parts = [super().describe(settings)]
+        if settings["bits"] == 4:
+            parts.append(f"group {settings['group_size']}")
+        if "ratio" in settings:
+            parts.append(f"ratio {settings['ratio']}")
+        if settings["method"] == "static":
+            alpha = settings.get("smooth_quant_alpha")
+            parts.append("no SmoothQuant" if alpha is None else f"SmoothQuant alpha {alpha}")
+        return " ".join(parts)
+
+
+BACKEND = OpenVino()
+
 
 # f32 arithmetic around the compressed weights, where OpenVINO's CPU default is bf16 on a CPU
 # with AMX: batch-1 decoding is bound by reading weights, and unpacking INT8/INT4 into bf16
@@ -193,6 +242,8 @@ def genai_generate(model, input_ids: torch.Tensor, config) -> list[list[int]] | 
     decoded by openvino-genai with a transformers ``GenerationConfig``'s settings. None when
     ``model`` is not an OpenVINO model with a pipeline, or a setting has no openvino-genai
     equivalent here: the caller then uses ``model.generate``."""
+    import torch
+
     pipeline = genai_pipeline(model)
     if pipeline is None or input_ids.shape[0] != 1:
         return None
@@ -234,6 +285,7 @@ def _static(source_dir: str, settings: dict[str, Any], calibration):
     """Export fp, then NNCF's post-training quantization in place: SmoothQuant (unless the
     alpha is None), activation ranges from the calibration blocks, INT8 weights and activations."""
     import nncf
+    import torch
     from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizationConfig, OVQuantizer
 
     ov_model = OVModelForCausalLM.from_pretrained(source_dir, export=True, load_in_8bit=False,

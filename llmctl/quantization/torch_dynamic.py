@@ -6,15 +6,29 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
-import torch
-from safetensors.torch import load_file, save_file
+from pydantic import Field
 
 from llmctl.errors import UserError
+from llmctl.quantization.common import QuantizeBackend
+from llmctl.schema import QuantizeCommon
+
+if TYPE_CHECKING:
+    import torch
 
 
-class TorchDynamic:
+class TorchQuantize(QuantizeCommon):
+    """PyTorch dynamic INT8: int8 weights per output channel, activations quantized on the fly."""
+
+    backend: Literal["torch"] = Field(..., description="the quantization backend")
+    method: Literal["dynamic"] = Field("dynamic", description="dynamic INT8 (the only method)")
+    bits: Literal[8] = Field(8, description="weight bits (INT8 only)")
+
+
+class TorchDynamic(QuantizeBackend):
+    name, table, label = "torch", TorchQuantize, "PyTorch dynamic INT8"
+
     def check(self) -> None:
         pass  # PyTorch's own kernels: every CPU and install runs them
 
@@ -31,11 +45,15 @@ class TorchDynamic:
         return dynamic_int8(copy.deepcopy(model), settings["fp32_modules"])
 
     def save(self, qmodel, out_dir: Path, tokenizer) -> None:
+        from safetensors.torch import save_file
+
         qmodel.config.save_pretrained(out_dir)
         save_file(dynamic_state(qmodel), str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})
 
     def load(self, path: Path, settings: dict[str, Any]) -> torch.nn.Module:
+        import torch
+        from safetensors.torch import load_file
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.initialization import no_init_weights
@@ -73,7 +91,11 @@ class TorchDynamic:
         return model.eval()
 
 
+
+BACKEND = TorchDynamic()
+
 def dynamic_int8(model: torch.nn.Module, fp32_modules: list[str]) -> torch.nn.Module:
+    import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = model.float().eval()
@@ -82,8 +104,8 @@ def dynamic_int8(model: torch.nn.Module, fp32_modules: list[str]) -> torch.nn.Mo
         # The int8 head is its own copy now: re-tying it to the fp32 embedding would fail.
         model.config.tie_word_embeddings = False
     # torch 2.10+ calls torch.ao.quantization deprecated in favour of torchao, whose CPU int8
-    # path measured far slower at the OPT-1.3B shape (README, "Generation": torchao INT8
-    # weight-only, compiled, 0.46x fp32 against this path's 2.57x): this stays while torch
+    # path measured far slower at the OPT-1.3B shape (docs/benchmarks.md, 2026-12-04: torchao
+    # INT8 weight-only, compiled, 0.46x fp32 against this path's 2.57x): this stays while torch
     # ships it, and says so once here instead of on every quantization.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated",
@@ -94,6 +116,8 @@ def dynamic_int8(model: torch.nn.Module, fp32_modules: list[str]) -> torch.nn.Mo
 
 def int8_linears(model: torch.nn.Module, fp32_modules: Iterable[str]) -> list[str]:
     """Every nn.Linear not under one of ``fp32_modules``."""
+    import torch
+
     keep = tuple(fp32_modules)
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear)
@@ -102,6 +126,8 @@ def int8_linears(model: torch.nn.Module, fp32_modules: Iterable[str]) -> list[st
 
 def fallback_order(model: torch.nn.Module) -> list[str]:
     """lm_head, then decoder layers first, last, second, second to last, ..."""
+    import torch
+
     layers = decoder_layers(model)
     order = []
     while layers:
@@ -113,6 +139,8 @@ def fallback_order(model: torch.nn.Module) -> list[str]:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[str]:
+    import torch
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and name.endswith(("layers", ".h")):
             return [f"{name}.{i}" for i in range(len(module))]
@@ -122,6 +150,7 @@ def decoder_layers(model: torch.nn.Module) -> list[str]:
 def dynamic_state(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Plain tensors for safetensors: each int8 Linear as int8 weight + per-channel scale and
     zero point (+ bias), every other parameter and buffer as it is."""
+    import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     state: dict[str, torch.Tensor] = {}

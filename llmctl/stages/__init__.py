@@ -1,17 +1,20 @@
 """The stage registry: every stage llmctl runs, in the order `llmctl run` runs them.
 
-An entry says what the rest of llmctl needs to know about a stage without running it: its
-command's help, its recipe table, whether it trains (a launcher, resume, tracking), what it
-reads (``inputs``: earlier stages' outputs and model paths; data sources are its table's
-``data`` key), the model it leaves for later stages, a preflight check, and the metrics the
-demo's summary shows. The CLI, `llmctl run`'s order and staleness, config hashing,
-``--dry-run``, the multi-process launcher and the demo summary all read this table.
+An entry says all the rest of llmctl knows about a stage without running it: its command's
+help, its recipe table, whether it trains (a launcher, resume, tracking), what it reads
+(``inputs``: earlier stages' outputs and model paths; ``data_keys``: the table's keys naming
+[data.<name>] sources), which inputs load as classifiers, the model it leaves for later
+stages, a preflight check, and the metrics the demo's summary shows. The CLI, the recipe's
+tables, `llmctl run`'s order and staleness, config hashing, preflight, ``--dry-run``, the
+multi-process launcher, `make real` and the demo summary all ask this table, never a stage's
+name (tests/test_architecture.py checks).
 
 The work itself is ``run(ctx)`` in ``llmctl/stages/<name>.py``, imported when the stage runs:
 stage modules import torch, trl or OpenVINO (seconds), which ``llmctl --help`` must not pay.
+A Trainer stage ends in ``training.finish_training`` (weights, loss curve, manifest).
 
 Adding a stage: its table's model in ``llmctl/schema.py``, ``llmctl/stages/<name>.py`` with
-``run(ctx)``, and one ``StageSpec`` below.
+``run(ctx)``, one ``StageSpec`` below, and a recipe that uses it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from llmctl import schema
+from llmctl import quantization, schema
 
 if TYPE_CHECKING:
     from llmctl.recipe import Recipe
@@ -40,6 +43,11 @@ class StageSpec:
     trains: bool = False  # Trainer-based: launched once per process, resumable, tracked
     feeds_training: bool = True  # later stages train from its model (not so a quantized one)
     reads_data: bool = False  # its table's `data` names a required [data.<name>] source
+    # its table's keys that name [data.<name>] sources (read, hashed and checked before it runs)
+    data_keys: tuple[str, ...] = ("data",)
+    # inputs loaded as sequence classifiers, by name or name prefix (reward_model, reward_model_2)
+    classifier_inputs: tuple[str, ...] = ()
+    own_command: bool = False  # cli.py writes its command (options beyond the recipe's)
     check: Callable[["Recipe", Any], None] | None = None  # static checks for preflight
     summary: tuple[str, ...] = ()  # metrics `llmctl demo` shows in its summary table
 
@@ -58,6 +66,10 @@ class StageContext:
     cfg: Any
     inputs: dict[str, str] = field(default_factory=dict)
 
+    def model_output(self) -> str:
+        """The directory ("model" or "adapter") its model is saved in."""
+        return STAGES[self.name].model_output(self.cfg)
+
     def start(self) -> "StageRun":
         from llmctl.rundir import StageRun
 
@@ -68,9 +80,12 @@ class StageContext:
 
 
 def _pretrain_inputs(recipe: "Recipe", cfg: schema.PretrainConfig) -> dict[str, str]:
+    inputs = {}
     if cfg.init == "pretrained":
-        return {"model": cfg.model or recipe.base_model("pretrain.model")}
-    return {}
+        inputs["model"] = cfg.model or recipe.base_model("pretrain.model")
+    if cfg.tokenizer or recipe.model.tokenizer:  # else the model's own
+        inputs["tokenizer"] = cfg.tokenizer or recipe.model.tokenizer
+    return inputs
 
 
 def _sft_inputs(recipe: "Recipe", cfg: schema.SftConfig) -> dict[str, str]:
@@ -114,7 +129,7 @@ def _group_rl_inputs(recipe: "Recipe", cfg: schema.GroupRLConfig) -> dict[str, s
     return inputs
 
 
-def _quantize_inputs(recipe: "Recipe", cfg: schema.QuantizeConfig) -> dict[str, str]:
+def _quantize_inputs(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> dict[str, str]:
     return {"model": recipe.named_model(cfg.model) if cfg.model else recipe.trained_model()}
 
 
@@ -176,17 +191,16 @@ def _check_rewards(recipe: "Recipe", cfg: schema.GroupRLConfig, stage: str) -> N
                                 f"must be importable: installed, or on PYTHONPATH)")
 
 
-def _check_quantize(recipe: "Recipe", cfg: schema.QuantizeConfig) -> None:
+def _check_quantize(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> None:
     from pathlib import Path
 
     from llmctl.evaluation import check_tasks
-    from llmctl.quantization import check_supported
 
     model = _quantize_inputs(recipe, cfg)["model"]  # checked when it exists (not yet in a run)
     from_config = recipe.pretrain is not None and recipe.pretrain.init == "config"
     if not Path(model).exists() and recipe.model.name_or_path and not from_config:
         model = recipe.model.name_or_path  # not trained yet: a fine-tune keeps its base's family
-    check_supported(cfg.backend, model if Path(model).exists() else None)
+    quantization.check_supported(cfg.backend, model if Path(model).exists() else None)
     if cfg.task:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
@@ -217,6 +231,7 @@ REGISTRY: tuple[StageSpec, ...] = (
               summary=("max_abs_logit_diff",)),
     StageSpec("reward", "Train a reward model on chosen/rejected pairs.",
               schema.RewardConfig, _reward_inputs, trains=True, reads_data=True,
+              classifier_inputs=("model",),
               summary=("eval_accuracy", "eval_reward_margin")),
     StageSpec("dpo", "Direct preference optimisation on chosen/rejected pairs.",
               schema.DpoConfig, _policy_inputs, model_output=_adapter_unless_full,
@@ -226,21 +241,22 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("grpo", "RL with verifiable rewards or reward models: trl's GRPO.",
               schema.GrpoConfig, _group_rl_inputs, model_output=_adapter_unless_full,
               trains=True, reads_data=True, check=_rewards_check("grpo"),
+              classifier_inputs=("reward_model",),
               summary=GROUP_RL_SUMMARY),
     StageSpec("rloo", "RL with verifiable rewards or reward models: trl's RLOO "
                       "(REINFORCE leave-one-out).",
               schema.RlooConfig, _group_rl_inputs, model_output=_adapter_unless_full,
               trains=True, reads_data=True, check=_rewards_check("rloo"),
+              classifier_inputs=("reward_model",),
               summary=GROUP_RL_SUMMARY),
     StageSpec("ppo", "RLHF: optimise the policy against the reward model with PPO.",
               schema.PpoConfig, _ppo_inputs,
               model_output=lambda cfg: "model" if cfg.merge else "adapter",
-              trains=True, reads_data=True, check=_check_ppo,
+              trains=True, reads_data=True, check=_check_ppo, classifier_inputs=("reward_model",),
               summary=("reward_mean_before", "reward_mean_after", "reward_gain",
                        "reward_gain_sem", "kl_last")),
-    StageSpec("quantize", "Quantize a model (neural-compressor, OpenVINO, bitsandbytes, GGUF).",
-              schema.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
-              feeds_training=False, check=_check_quantize,
+    StageSpec("quantize", quantization.SUMMARY, quantization.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
+              feeds_training=False, check=_check_quantize, data_keys=("data", "calibration"),
               summary=("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",
                        "relative_loss", "accepted")),
     StageSpec("bench", "Benchmark a model: lm-eval tasks, perplexity, latency.",
@@ -250,7 +266,8 @@ REGISTRY: tuple[StageSpec, ...] = (
                        "quantize/demo_sentiment.acc", "perplexity", "quantize/perplexity",
                        "quantize/speedup_greedy_b1", "quantize/speedup_beam4_b1")),
     StageSpec("generate", "Generate text with any stage's model.",
-              schema.GenerateConfig, _generate_inputs, summary=("num_prompts", "tokens_per_second")),
+              schema.GenerateConfig, _generate_inputs, own_command=True,
+              summary=("num_prompts", "tokens_per_second")),
 )
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in REGISTRY}

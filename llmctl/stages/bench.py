@@ -19,9 +19,9 @@ from rich.table import Table
 from llmctl.data import heldout_blocks
 from llmctl.evaluation import lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
-from llmctl.models import device, load_causal_lm, load_tokenizer
+from llmctl.models import device, load_tokenizer
 from llmctl.progress import console, stage_header
-from llmctl.quantization import is_quantized_dir, weight_bytes
+from llmctl.quantization import is_quantized_dir, load_model, weight_bytes
 from llmctl.recipe import Recipe
 from llmctl.rundir import looks_local
 from llmctl.schema import BenchConfig
@@ -58,7 +58,7 @@ def bench_model(recipe: Recipe, cfg: BenchConfig, source, path: str) -> dict:
     if looks_local(path):
         entry["size_bytes"] = weight_bytes(path)
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
-    model = load_causal_lm(path, recipe.model).eval()
+    model = load_model(path, recipe.model).eval()
     if hasattr(model, "to") and not is_quantized_dir(path):
         model = model.to(device())
     if cfg.tasks:

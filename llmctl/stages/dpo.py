@@ -23,8 +23,7 @@ from llmctl.evaluation import candidate_labels, label_hits, task_accuracy_metric
 from llmctl.models import count_params, load_causal_lm, load_tokenizer, lora_config
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
-from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
-    save_training_log, schedule_metrics, show_progress, train, training_args
+from llmctl.training import capped_eval, finish_training, show_progress, train, training_args
 
 
 def run(ctx: StageContext) -> dict:
@@ -67,25 +66,16 @@ def run(ctx: StageContext) -> dict:
     console.print(f"  held-out pairs ranked right by the implicit reward: "
                   f"{after['eval_rewards/accuracies']:.1%} (0% before: every reward is 0)")
 
-    output = "adapter" if cfg.method == "lora" else "model"
-    save_trained(trainer, trainer.model, tokenizer, stage.path(output), stage)
-    logs = save_training_log(trainer, stage)
-    first, last = loss_first_last(trainer.state.log_history)
     metrics = {
         "eval_rewards_accuracy": float(after["eval_rewards/accuracies"]),
         "eval_rewards_margin": float(after["eval_rewards/margins"]),
         "eval_loss": float(after["eval_loss"]),
         "eval_pairs": len(eval_ds),
-        "train_loss_first": first,
-        "train_loss_last": last,
         "trainable_params": count_params(trainer.model, trainable_only=True),
-        "global_step": trainer.state.global_step,
-        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if labels:
         metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
-    stage.finish(metrics, {output: output, **logs})
-    return metrics
+    return finish_training(trainer, stage, cfg, tokenizer, ctx.model_output(), metrics)
 
 
 def dpo_loss(cfg) -> dict:

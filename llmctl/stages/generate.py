@@ -20,10 +20,10 @@ from transformers import GenerationConfig
 
 from llmctl.data import ChatTemplate, Template
 from llmctl.errors import UserError
-from llmctl.models import device, load_causal_lm, load_tokenizer, max_positions
+from llmctl.models import device, load_tokenizer, max_positions
+from llmctl.quantization import load_model, native_generate
 from llmctl.progress import stage_header
-from llmctl.quantization.openvino import genai_generate
-from llmctl.recipe import read_text
+from llmctl.paths import read_text
 from llmctl.schema import GenerateConfig
 from llmctl.stages import StageContext
 
@@ -56,7 +56,7 @@ def load_for_decoding(recipe, cfg: GenerateConfig, model_path: str) -> tuple:
     and checked against the model's positions."""
     prompts = read_prompts(cfg)
     tokenizer = load_tokenizer(model_path, recipe.model, padding_side="left")
-    model = load_causal_lm(model_path, recipe.model).to(device()).eval()
+    model = load_model(model_path, recipe.model).to(device()).eval()
     stage_header("generate", f"{len(prompts)} prompt(s) with {model_path}")
 
     template = None
@@ -173,7 +173,7 @@ def generate(model, tokenizer, text: str, cfg: GenerateConfig) -> tuple[list[str
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    new = genai_generate(model, batch["input_ids"], gen_config)  # OpenVINO: genai's C++ loop
+    new = native_generate(model, batch["input_ids"], gen_config)  # e.g. openvino-genai's C++ loop
     if new is None:
         out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer)
         new = out[:, batch["input_ids"].shape[1]:]

@@ -25,8 +25,7 @@ from llmctl.progress import console, stage_header
 from llmctl.rewards import build_rewards, weighted_rewards
 from llmctl.schema import LabelMatchReward
 from llmctl.stages import StageContext, reward_model_inputs
-from llmctl.training import batch_metrics, save_trained, save_training_log, schedule_metrics, \
-    show_progress, train, training_args
+from llmctl.training import finish_training, show_progress, train, training_args
 
 
 def run(ctx: StageContext) -> dict:
@@ -98,9 +97,6 @@ def run_group_rl(ctx: StageContext, trainer_cls, args_cls, **trainer_args) -> di
     hits_after = label_hits(policy, tokenizer, task_rows, template, labels) if labels else None
 
     # -- save -------------------------------------------------------------------------------
-    output = "model" if cfg.method == "full" else "adapter"
-    save_trained(trainer, policy, tokenizer, stage.path(output), stage)
-    logs = save_training_log(trainer, stage)
     logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     before, after = mean(rewards_before), mean(rewards_after)
     sem = paired_sem(rewards_before, rewards_after)
@@ -115,13 +111,11 @@ def run_group_rl(ctx: StageContext, trainer_cls, args_cls, **trainer_args) -> di
         "eval_reward_after": after,
         "eval_reward_gain": after - before,
         "eval_reward_gain_sem": sem,
-        "global_step": trainer.state.global_step,
-        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if labels:
         metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
-    stage.finish(metrics, {output: output, **logs})
-    return metrics
+    return finish_training(trainer, stage, cfg, tokenizer, ctx.model_output(), metrics,
+                           model=policy)
 
 
 def prompt_dataset(rows: list[dict], template) -> Dataset:

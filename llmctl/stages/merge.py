@@ -12,7 +12,8 @@ import torch
 from peft import PeftModel
 
 from llmctl.errors import StageFailed, UserError
-from llmctl.models import adapter_base, check_adapter_base, count_params, load_causal_lm, \
+from llmctl.paths import adapter_base
+from llmctl.models import check_adapter_base, count_params, load_causal_lm, \
     load_tokenizer, save_model, torch_dtype
 from llmctl.progress import console, stage_header
 from llmctl.rundir import require_input

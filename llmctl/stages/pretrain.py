@@ -17,16 +17,15 @@ from llmctl.errors import UserError
 from llmctl.models import build_causal_lm, count_params, human_count, load_causal_lm, load_tokenizer
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
-from llmctl.training import LossOnlyForward, ThroughputMeter, batch_metrics, eval_cap, \
-    loss_first_last, save_trained, save_training_log, schedule_metrics, show_progress, train, \
-    training_args
+from llmctl.training import LossOnlyForward, ThroughputMeter, eval_cap, finish_training, \
+    show_progress, train, training_args
 
 
 def run(ctx: StageContext) -> dict:
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- setup ------------------------------------------------------------------------------
-    tokenizer_path = cfg.tokenizer or recipe.model.tokenizer or inputs.get("model") \
+    tokenizer_path = inputs.get("tokenizer") or inputs.get("model") \
         or recipe.model.name_or_path
     if not tokenizer_path:
         raise UserError(f"{recipe.source}: pretrain.tokenizer: missing (and no model.tokenizer "
@@ -72,25 +71,19 @@ def run(ctx: StageContext) -> dict:
     eval_loss = float(trainer.evaluate()["eval_loss"])
 
     # -- save -------------------------------------------------------------------------------
-    save_trained(trainer, trainer.model, tokenizer, stage.path("model"), stage)
-    logs = save_training_log(trainer, stage)
-    first, last = loss_first_last(trainer.state.log_history)
     steps_run = trainer.state.global_step - start_step
     metrics = {
         "num_params": num_params,
-        "train_loss_first": first,
-        "train_loss_last": last,
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss),
         "tokens_per_second": tokens_per_step * max(steps_run, 1) / result.metrics["train_runtime"],
-        "global_step": trainer.state.global_step,
         "train_tokens": tokens_per_step * trainer.state.global_step,
-        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if meter.steps_per_second():
         metrics["tokens_per_second_steady"] = tokens_per_step * meter.steps_per_second()
-    final = stage.finish(metrics, {"model": "model", **logs})
-    console.print(f"  loss {first:.3f} -> {last:.3f}, eval perplexity {metrics['eval_perplexity']:.2f}"
-                  f", {metrics['tokens_per_second']:,.0f} tokens/s -> {final}")
+    metrics = finish_training(trainer, stage, cfg, tokenizer, "model", metrics)
+    console.print(f"  loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, "
+                  f"eval perplexity {metrics['eval_perplexity']:.2f}, "
+                  f"{metrics['tokens_per_second']:,.0f} tokens/s -> {stage.final_dir}")
     return metrics
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 
 from llmctl import quantization
+from llmctl.quantization import QuantizeConfig, describe
 from llmctl.data import heldout_blocks, token_blocks
 from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
-from llmctl.models import is_adapter_dir, load_causal_lm, load_tokenizer, save_model
+from llmctl.paths import is_adapter_dir
+from llmctl.models import load_causal_lm, load_tokenizer, save_model
 from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
-from llmctl.schema import QuantizeConfig
 from llmctl.stages import StageContext
 
 
@@ -126,7 +127,7 @@ def metric_function(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
 def calibration_blocks(recipe: Recipe, cfg: QuantizeConfig, tokenizer):
     """GPTQ, AWQ and static INT8 see ``calibration_samples`` blocks of the calibration source's
     train split."""
-    if cfg.method not in quantization.CALIBRATED_METHODS:
+    if not quantization.calibrates(cfg.settings()):
         return None
     name = cfg.calibration or cfg.data
     if not name:
@@ -143,19 +144,3 @@ def relative_loss(before: float, after: float, higher_is_better: bool) -> float:
     if higher_is_better:
         return (before - after) / abs(before) if before else float(after < before)
     return (after - before) / abs(before)
-
-
-def describe(settings: dict) -> str:
-    parts = [settings["backend"], settings["method"]]
-    if "bits" in settings:  # gguf's methods name their bits
-        parts.append(f"{settings['bits']}-bit")
-    if settings["backend"] in ("inc", "openvino") and settings.get("bits") == 4:
-        parts.append(f"group {settings['group_size']}")
-    if "ratio" in settings:
-        parts.append(f"ratio {settings['ratio']}")
-    if settings["method"] == "static":
-        alpha = settings.get("smooth_quant_alpha")
-        parts.append("no SmoothQuant" if alpha is None else f"SmoothQuant alpha {alpha}")
-    if settings.get("fp32_modules"):
-        parts.append(f"fp32: {', '.join(settings['fp32_modules'])}")
-    return " ".join(parts)

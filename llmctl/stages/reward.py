@@ -8,8 +8,6 @@ score held-out pairs (accuracy, mean margin) -> save a standalone model + its to
 
 from __future__ import annotations
 
-import math
-
 from trl import RewardConfig as TrlRewardConfig
 
 from llmctl import distributed
@@ -20,8 +18,7 @@ from llmctl.models import build_classifier, count_params, human_count, load_clas
 from llmctl.progress import console, stage_header
 from llmctl.stages import StageContext
 from llmctl.trainers.reward import EncoderFriendlyRewardTrainer
-from llmctl.training import batch_metrics, capped_eval, loss_first_last, save_trained, \
-    save_training_log, schedule_metrics, show_progress, train, training_args
+from llmctl.training import capped_eval, finish_training, show_progress, train, training_args
 
 EVAL_PAIRS = 200  # held-out pairs scored for eval_accuracy
 
@@ -73,16 +70,9 @@ def run(ctx: StageContext) -> dict:
                   f"(mean margin {margin:.3f})")
 
     # -- save -------------------------------------------------------------------------------
-    save_trained(trainer, trained, tokenizer, stage.path("model"), stage)
-    logs = save_training_log(trainer, stage)
-    first, last = loss_first_last(trainer.state.log_history)
     metrics = {"eval_accuracy": accuracy, "eval_reward_margin": margin, "eval_loss": eval_loss,
-               "eval_pairs": len(eval_rows), "train_loss_first": first, "train_loss_last": last,
-               "num_params": count_params(trained), "global_step": trainer.state.global_step,
-               **batch_metrics(cfg), **schedule_metrics(trainer)}
-    assert all(math.isfinite(v) for v in metrics.values())
-    stage.finish(metrics, {"model": "model", **logs})
-    return metrics
+               "eval_pairs": len(eval_rows), "num_params": count_params(trained)}
+    return finish_training(trainer, stage, cfg, tokenizer, "model", metrics, model=trained)
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int):

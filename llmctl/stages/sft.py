@@ -22,8 +22,8 @@ from llmctl.progress import console, stage_header
 from llmctl.recipe import Recipe
 from llmctl.schema import SftConfig
 from llmctl.stages import StageContext
-from llmctl.training import ThroughputMeter, batch_metrics, capped_eval, loss_first_last, \
-    save_trained, save_training_log, schedule_metrics, show_progress, train, training_args
+from llmctl.training import ThroughputMeter, capped_eval, finish_training, show_progress, train, \
+    training_args
 
 
 def run(ctx: StageContext) -> dict:
@@ -96,29 +96,20 @@ def run(ctx: StageContext) -> dict:
         if labels else None
 
     # -- save -------------------------------------------------------------------------------
-    output = "model" if cfg.method == "full" else "adapter"
-    save_trained(trainer, trainer.model, tokenizer, stage.path(output), stage)
-    logs = save_training_log(trainer, stage)
-    first, last = loss_first_last(trainer.state.log_history)
     metrics = {
         "trainable_params": trainable,
         "all_params": total,
         "trainable_percent": 100 * trainable / total,
-        "train_loss_first": first,
-        "train_loss_last": last,
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss),
-        "global_step": trainer.state.global_step,
         "steps_per_second": max(trainer.state.global_step - start_step, 1)
         / result.metrics["train_runtime"],
-        **batch_metrics(cfg), **schedule_metrics(trainer),
     }
     if meter.steps_per_second():  # after warm-up, as pretrain's tokens_per_second_steady
         metrics["steps_per_second_steady"] = meter.steps_per_second()
     if labels:
         metrics.update(task_accuracy_metrics(hits_before, hits_after, len(labels)))
-    stage.finish(metrics, {output: output, **logs})
-    return metrics
+    return finish_training(trainer, stage, cfg, tokenizer, ctx.model_output(), metrics)
 
 
 def require_qlora_support() -> None:

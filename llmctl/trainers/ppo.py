@@ -31,7 +31,6 @@ of a pass over the prompts, as accelerate did for trl. No dropout at all (trl ze
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time

@@ -1,4 +1,4 @@
-"""`llmctl pretrain`: trains (loss falls), writes the GUIDE §2 manifest, resumes after SIGKILL."""
+"""`llmctl pretrain`: trains (loss falls), writes its manifest, resumes after SIGKILL."""
 
 import math
 

@@ -153,7 +153,7 @@ def _cfg(**table):
     """A [quantize] table as the recipe loader validates it."""
     from pydantic import TypeAdapter
 
-    from llmctl.schema import QuantizeConfig
+    from llmctl.quantization import QuantizeConfig
 
     return TypeAdapter(QuantizeConfig).validate_python(table)
 
