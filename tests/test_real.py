@@ -87,9 +87,10 @@ def smollm2_gguf(monkeypatch_module):
     return path
 
 
-# Largest |logit difference| between SmolLM2 (from its GGUF, fp32) and its q8_0 export read
-# back, over the chat prompts below: measured MEASURED.
-SMOLLM2_Q8_0_BOUND = 1.0
+# Largest |logit difference| between SmolLM2 (from its Q4_1 GGUF, fp32) and its q8_0 export
+# read back, over the chat prompts below: measured 1.32 (f16: 0.041). At q8_0 two of the three
+# greedy answers stay the same; the haiku's does not.
+SMOLLM2_Q8_0_BOUND = 2.0
 
 
 def test_smollm2_exports_to_gguf_and_reads_back(smollm2_gguf, tmp_path):
