@@ -5,6 +5,7 @@ the full recipe; this checks every part of it works, in a few minutes."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,58 @@ BEFORE_THE_MOVE = {
     "Write a haiku about the sea.": "The waves of the sea, a silent beauty,\nA gentle lapping of the shore,\nA reminder of the beauty that lies beneath,\nA reminder of the ocean's power.",
     "Classify the sentiment: I love this phone!": "I love this phone!"
 }
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(monkeypatch_module):
+    """The pinned SmolLM2 GGUF in $LLMCTL_CACHE (else the repository's cache), as `make real`
+    fetched it; skipped, not downloaded, when absent."""
+    from llmctl.real import ARTIFACTS
+
+    cache = Path(os.environ.get("LLMCTL_CACHE") or REPO / ".llmctl-cache")
+    art = ARTIFACTS["smollm2"]
+    path = cache / "artifacts" / f"{art.package}-{art.version}" / art.member
+    if not path.is_file():
+        pytest.skip(f"no SmolLM2 GGUF under {cache} (make real fetches it)")
+    monkeypatch_module.setenv("LLMCTL_CACHE", str(cache))
+    return path
+
+
+# Largest |logit difference| between SmolLM2 (from its Q4_1 GGUF, fp32) and its q8_0 export
+# read back, over the chat prompts below: measured 1.32 (f16: 0.041). At q8_0 two of the three
+# greedy answers stay the same; the haiku's does not.
+SMOLLM2_Q8_0_BOUND = 2.0
+
+
+def test_smollm2_exports_to_gguf_and_reads_back(smollm2_gguf, tmp_path):
+    """The base SmolLM2 exported by backend "gguf" at f16 gives the same greedy answers read back
+    through llmctl's GGUF import; q8_0's logits stay within the bound."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmctl.gguf import converted
+    from llmctl.models import load_causal_lm, load_tokenizer
+    from llmctl.quantization.gguf_export import export_gguf, read_back
+
+    base = converted(smollm2_gguf)
+    tokenizer, model = load_tokenizer(base), load_causal_lm(base).eval()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], return_dict=True,
+                                           add_generation_prompt=True, return_tensors="pt")
+             for p in BEFORE_THE_MOVE]
+    for method in ("f16", "q8_0"):
+        file = export_gguf(model, tokenizer, tmp_path / f"{method}.gguf", method)
+        back = read_back(file, tmp_path / method)
+        with torch.no_grad():
+            diff = max((model(**c).logits - back(**c).logits).abs().max().item() for c in chats)
+        print(f"SmolLM2 {method}: {file.stat().st_size:,} bytes, max |logit diff| {diff:.4f}")
+        if method == "q8_0":
+            assert diff < SMOLLM2_Q8_0_BOUND
+            continue
+        back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / method)
+        for chat, answer in zip(chats, BEFORE_THE_MOVE.values()):
+            out = back.generate(**chat, max_new_tokens=40, do_sample=False)
+            assert back_tokenizer.decode(out[0, chat["input_ids"].shape[1]:],
+                                         skip_special_tokens=True) == answer
 
 
 SMALL = {  # every stage of the real recipe, a few steps or rows each

@@ -46,7 +46,7 @@ def test_valid_recipe_fills_defaults(tmp_path):
     # [quantize] is one table type per backend: each backend's own fields and methods, and
     # the key path the user wrote (pydantic's location also holds the union's tag).
     (BASE + "[quantize]\nbackend = \"tensorrt\"\n", "quantize.backend",
-     "unknown backend 'tensorrt' (backends: inc, torch, openvino, bnb)"),
+     "unknown backend 'tensorrt' (backends: inc, torch, openvino, bnb, gguf)"),
     (BASE + "[quantize]\nbackend = \"torch\"\nmethod = \"rtn\"\n", "quantize.method",
      "'rtn' is not a method of backend \"torch\" (methods: dynamic)"),
     (BASE + "[quantize]\nmethod = \"dynamic\"\n", "quantize.method",  # inc is the default

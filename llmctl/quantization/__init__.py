@@ -14,6 +14,9 @@ A backend (``quantize.backend``) is one module here, holding its recipe table an
   compression (INT8, or INT4 with a group size and a share of INT4 layers) or ``static`` INT8
   (weights and activations, calibrated, SmoothQuant first).
 - ``bnb`` (:mod:`.bnb`): bitsandbytes 8/4-bit through transformers, CUDA only.
+- ``gguf`` (:mod:`.gguf_export`): one GGUF file for llama.cpp and Ollama (f16, bf16, q8_0,
+  q5_1, q5_0, q4_1, q4_0), each trial scored after reading the file back through llmctl's
+  GGUF import.
 
 Which methods and bits each backend takes is checked when the recipe loads
 (:data:`QuantizeConfig`). A quantized model directory holds ``quantization.json`` (backend and
@@ -31,7 +34,7 @@ from pydantic import Discriminator, Tag
 
 from llmctl.errors import UserError
 from llmctl.paths import QUANTIZED_MARKER, is_quantized_dir
-from llmctl.quantization import bnb, inc, openvino, torch_dynamic
+from llmctl.quantization import bnb, gguf_export, inc, openvino, torch_dynamic
 from llmctl.quantization.common import Calibration, QuantizeBackend, decline_openvino_telemetry
 from llmctl.schema import quantize_backend
 
@@ -39,10 +42,11 @@ if TYPE_CHECKING:
     import torch
 
 MARKER = QUANTIZED_MARKER
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 BACKENDS: dict[str, QuantizeBackend] = {
-    b.name: b for b in (inc.BACKEND, torch_dynamic.BACKEND, openvino.BACKEND, bnb.BACKEND)}
+    b.name: b for b in (inc.BACKEND, torch_dynamic.BACKEND, openvino.BACKEND, bnb.BACKEND,
+                        gguf_export.BACKEND)}
 
 # [quantize]: one table type per backend, picked by `backend` (default "inc"), so a field or
 # method another backend owns is an error at load time and in --dry-run.

@@ -197,6 +197,9 @@ def _check_quantize(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> None:
     from llmctl.evaluation import check_tasks
 
     model = _quantize_inputs(recipe, cfg)["model"]  # checked when it exists (not yet in a run)
+    from_config = recipe.pretrain is not None and recipe.pretrain.init == "config"
+    if not Path(model).exists() and recipe.model.name_or_path and not from_config:
+        model = recipe.model.name_or_path  # not trained yet: a fine-tune keeps its base's family
     quantization.check_supported(cfg.backend, model if Path(model).exists() else None)
     if cfg.task:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")

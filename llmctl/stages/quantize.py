@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict:
     score, metric_name, higher_is_better = metric_function(recipe, cfg, tokenizer)
     calibration = calibration_blocks(recipe, cfg, tokenizer)
     trials = quantization.trial_settings(cfg, model)
-    stage_header("quantize", f"{cfg.backend} {cfg.method} {cfg.bits}-bit on {inputs['model']}: "
+    stage_header("quantize", f"{describe(cfg.settings())} on {inputs['model']}: "
                              f"{metric_name} within {cfg.tolerable_loss:.1%}, "
                              f"at most {len(trials)} trial(s)")
 
