@@ -707,15 +707,24 @@ def create_app(engine: Engine, admission: Admission, api_key: str | None = None,
     async def _failed(request: Request, err: Exception):  # logged with its traceback by uvicorn
         return error(500, f"llmctl serve failed: {type(err).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)",
-                             "authentication_error")
-        return await call_next(request)
+    class RequireKey:
+        """Every /v1 request bears the key (pure ASGI: FastAPI's ``@app.middleware`` would hide
+        a client's hang-up from the endpoints behind it)."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/v1"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+                    refused = error(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    "authentication_error")
+                    return await refused(scope, receive, send)
+            await self.app(scope, receive, send)
+
+    if api_key:
+        app.add_middleware(RequireKey)
 
     @app.get("/health")
     async def health():
