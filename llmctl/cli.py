@@ -259,16 +259,22 @@ def serve_command(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together "
                                   "at most (concurrent requests share a forward pass)."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait for "
+                                  "the model beyond --max-batch; past them a request gets 429 "
+                                  "with Retry-After."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in "
+                                 "bytes (a larger one gets 413)."),
     debug: bool = DebugOpt,
 ):
-    """Serve a model over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
+    """Serve a model over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM (the first
+    drains: the requests held are answered, new ones get 503; a second stops at once)."""
     from llmctl.serve import serve
 
     loaded = _load(recipe, run_dir, set_)
     try:
-        serve(loaded, model, host, port, max_batch)
-    except (KeyboardInterrupt, Terminated):  # the normal way to stop a server: in-flight
-        print("serve: stopped", file=_stderr())  # requests have finished by now
+        serve(loaded, model, host, port, max_batch, max_queue, max_body)
+    except (KeyboardInterrupt, Terminated):  # a second Ctrl-C or SIGTERM during the drain
+        print("serve: stopped", file=_stderr())
 
 
 @app.command("demo")

@@ -2,16 +2,16 @@
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``
 (the model's chat template), with ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``,
-``stop``, ``n``, ``seed`` and ``stream`` (server-sent events). One worker thread owns the model
-and takes requests from an unbounded queue: none is dropped. Requests that are waiting decode
-together: an OpenVINO model through openvino-genai's continuous batching, any other through
-transformers' ``generate`` on a batch of the requests that decode alike. Bad requests are
-HTTP 400 with OpenAI's JSON error body. Listens on 127.0.0.1 unless told otherwise; with
-``LLMCTL_API_KEY`` set in the environment every /v1 request needs ``Authorization: Bearer
-<key>`` (compared in constant time; the key is never logged).
+``stop``, ``n``, ``seed`` and ``stream`` (server-sent events). One worker thread owns the model;
+requests that are waiting decode together: an OpenVINO model through openvino-genai's
+continuous batching, any other through transformers' ``generate`` on a batch of the requests
+that decode alike. The server holds a bounded number of requests (decoding or waiting): past
+it a new one is 429 with ``Retry-After``; a client that hangs up frees its place at once; the
+first SIGTERM drains (new requests 503, held ones finish, then exit 0). Bad requests are 4xx
+with OpenAI's JSON error body. Listens on 127.0.0.1 unless told otherwise; with
+``LLMCTL_API_KEY`` (or ``LLMCTL_API_KEY_FILE``, a file holding it) every /v1 request needs
+``Authorization: Bearer <key>`` (compared in constant time; the key is never logged).
 """
-
-from __future__ import annotations
 
 import asyncio
 import collections
@@ -24,6 +24,7 @@ import os
 import queue
 import random
 import socket
+import sys
 import threading
 import time
 import types
@@ -39,7 +40,12 @@ from llmctl.schema import GenerateConfig
 from llmctl.stages.generate import cut_at_stop, generated_length
 
 API_KEY_ENV = "LLMCTL_API_KEY"
-MAX_CHOICES = 16
+API_KEY_FILE_ENV = "LLMCTL_API_KEY_FILE"
+MAX_CHOICES = 16  # completions one request asks for (prompts x n)
+MAX_STOP_CHARS = 64  # transformers' stop-string matcher costs time in their length x the vocabulary
+MAX_QUEUE = 64  # requests that wait for the model beyond --max-batch decoding ones
+MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_SECONDS = 1  # what a refused client is told (busy moments pass in a batch or two)
 # After a batch of several requests, how long dynamic batching waits for their clients' next
 # requests before it decodes what is waiting (a batch takes seconds; this, milliseconds).
 GATHER_SECONDS = 0.02
@@ -57,17 +63,20 @@ class Sampling(BaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=1 << 64)  # torch's and openvino's seed range
     stream: bool = False
 
     def stops(self) -> list[str]:
         found = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(found) > 4 or any(not s for s in found):
-            raise BadRequest("stop: at most 4 non-empty strings", "stop")
+        if len(found) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in found):
+            raise BadRequest(f"stop: at most 4 strings of 1 to {MAX_STOP_CHARS} characters",
+                             "stop")
+        for text in found:
+            check_unicode(text, "stop")
         return found
 
     def unsupported(self) -> None:
@@ -104,10 +113,23 @@ class ChatRequest(Sampling):
 
 
 class BadRequest(Exception):
+    """A request the server answers with an error (4xx, or 503 while draining) in OpenAI's
+    JSON shape."""
+
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.code, self.retry_after = code, retry_after
+
+
+def check_unicode(text: str, param: str) -> None:
+    """JSON can carry half of a surrogate pair (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{param}: not valid Unicode (a lone surrogate)", param) from None
 
 
 # -- the engines -----------------------------------------------------------------------------
@@ -139,8 +161,9 @@ class Choice:
 
 class Engine:
     """The model's tokenizer, its context, the request queue and the one thread that decodes.
-    The queue is unbounded: a busy server queues requests, it never drops one. Subclasses
-    decode in ``_work`` and batch whatever is waiting (``batches``, ``largest_batch``: how)."""
+    Jobs wait in ``jobs`` (handed over) and ``waiting`` (the worker's) until they decode; how
+    many requests may wait is the HTTP side's business (:class:`Admission`). Subclasses decode
+    in ``_work`` and batch whatever is waiting (``batches``, ``largest_batch``: how)."""
 
     kind = "?"
 
@@ -148,25 +171,43 @@ class Engine:
         self.tokenizer, self.name, self.positions = tokenizer, name, positions
         self.max_batch = max_batch  # sequences decoded together at most
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.in_flight = 0  # requests being answered (event-loop side)
+        self.waiting: collections.deque[Job] = collections.deque()  # the worker thread's
         self.batches = self.largest_batch = 0
+        # No token decodes to more characters than its vocabulary entry has (byte-level BPE,
+        # SentencePiece, WordPiece), so a prompt longer than this cannot fit the context: it is
+        # refused before the tokenizer spends seconds on a megabyte of text.
+        self.max_prompt_chars = None if positions is None else \
+            positions * max(map(len, tokenizer.get_vocab()), default=1)
         threading.Thread(target=self._work, name="llmctl-serve-model", daemon=True).start()
 
-    def encode(self, text: str, chat: bool) -> torch.Tensor:
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the model (not yet decoding)."""
+        return self.jobs.qsize() + len(self.waiting)
+
+    def encode(self, text: str, chat: bool, param: str) -> torch.Tensor:
+        check_unicode(text, param)
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise BadRequest(f"{param}: {len(text)} characters cannot fit the model's "
+                             f"{self.positions} positions", param)
         # A chat template writes its own special tokens; a plain prompt gets the tokenizer's.
         return self.tokenizer(text, add_special_tokens=not chat, return_tensors="pt",
                               return_token_type_ids=False)["input_ids"]
 
-    def budget(self, prompt_tokens: int, asked: int | None, default: int) -> int:
-        """New tokens for a prompt: what was asked (or the default), capped by the context."""
-        wanted = asked or default
+    def budget(self, prompt_tokens: int, asked: int | None, default: int, param: str) -> int:
+        """New tokens for a prompt: what was asked, which must fit the context after the
+        prompt, or the default, capped by the context."""
         if self.positions is None:
-            return wanted
+            return asked or default
         room = self.positions - prompt_tokens
         if room < 1:
-            raise BadRequest(f"the prompt is {prompt_tokens} tokens; the model has "
-                             f"{self.positions} positions", "prompt")
-        return min(wanted, room)
+            raise BadRequest(f"{param}: {prompt_tokens} tokens; the model has "
+                             f"{self.positions} positions", param)
+        if asked is not None and asked > room:
+            raise BadRequest(f"max_tokens: {asked} new tokens after a prompt of {prompt_tokens} "
+                             f"exceed the model's {self.positions} positions (at most {room})",
+                             "max_tokens")
+        return min(asked or default, room)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -184,6 +225,12 @@ class Engine:
         text = cut_at_stop(full, stops)
         hit_eos = bool(ids) and ids[-1] == eos
         return Choice(text, "stop" if text != full or hit_eos or stopped else "length", len(ids))
+
+    def _drop_cancelled(self) -> None:
+        """Forget the waiting jobs whose clients have left."""
+        for job in [job for job in self.waiting if job.cancelled.is_set()]:
+            self.waiting.remove(job)
+            job.done.cancel()
 
     def _arrivals(self, wait: bool) -> list[Job]:
         """Every job queued now; when ``wait``, at least one (blocking until it comes)."""
@@ -217,15 +264,15 @@ class TransformersEngine(Engine):
         super().__init__(tokenizer, name, max_positions(model), max_batch)
 
     def _work(self) -> None:
-        waiting: collections.deque[Job] = collections.deque()
         answered = 0  # jobs the last batch answered
         while True:
-            if not waiting:
-                waiting.append(self.jobs.get())
+            if not self.waiting:
+                self.waiting.append(self.jobs.get())
             if answered > 1:  # under load: the clients just answered are about to ask again
                 time.sleep(GATHER_SECONDS)
-            waiting.extend(self._arrivals(wait=False))  # all may join the next batch
-            batch = self._take_batch(waiting)
+            self.waiting.extend(self._arrivals(wait=False))  # all may join the next batch
+            self._drop_cancelled()
+            batch = self._take_batch()
             if not batch:  # every waiting request was cancelled (its client left)
                 continue
             try:
@@ -241,13 +288,11 @@ class TransformersEngine(Engine):
                     else:
                         job.done.set_result(result)
 
-    def _take_batch(self, waiting: collections.deque[Job]) -> list[Job]:
+    def _take_batch(self) -> list[Job]:
         """The oldest waiting job and the later ones that can decode with it, in order."""
-        while waiting and waiting[0].cancelled.is_set():
-            waiting.popleft().done.cancel()
-        if not waiting:
+        if not self.waiting:
             return []
-        first = waiting.popleft()
+        first = self.waiting.popleft()
         batch, rows = [first], first.sampling.n
         if first.sampling.seed is not None:
             return batch
@@ -258,14 +303,14 @@ class TransformersEngine(Engine):
                     (a.temperature == b.temperature == 0 or
                      (a.temperature, a.top_p) == (b.temperature, b.top_p)))
 
-        for job in list(waiting):
+        for job in list(self.waiting):
             if rows + job.sampling.n > self.max_batch:
                 break
             grown = [*batch, job]  # left padding: every row runs to the longest prompt + budget
             fits = self.positions is None or (max(j.prompt_tokens for j in grown) +
                                               max(j.max_tokens for j in grown) <= self.positions)
-            if alike(job) and fits and not job.cancelled.is_set():
-                waiting.remove(job)
+            if alike(job) and fits:
+                self.waiting.remove(job)
                 batch.append(job)
                 rows += job.sampling.n
         return batch
@@ -384,10 +429,15 @@ class GenaiEngine(Engine):
         running: dict[int, GenaiDecode] = {}
         ids = itertools.count()
         while True:
-            for job in self._arrivals(wait=not running):
-                if job.cancelled.is_set():
-                    job.done.cancel()
-                    continue
+            self.waiting.extend(self._arrivals(wait=not running and not self.waiting))
+            self._drop_cancelled()
+            # Up to --max-batch sequences run in the pipeline; the rest wait here, where a
+            # client that leaves costs nothing and /health can count them.
+            busy = sum(d.sequences for d in running.values())
+            while self.waiting and (not running or busy + GenaiDecode.count(
+                    self.waiting[0]) <= self.max_batch):
+                job = self.waiting.popleft()
+                busy += GenaiDecode.count(job)
                 try:
                     handle = self.pipeline.add_request(
                         next(ids), openvino.Tensor(job.input_ids.numpy()), self._config(job))
@@ -425,7 +475,7 @@ class GenaiDecode:
 
     def __init__(self, job: Job, handle, tokenizer):
         self.job, self.handle = job, handle
-        self.sequences = job.sampling.n if job.sampling.temperature > 0 else 1
+        self.sequences = self.count(job)
         self.ids: dict[int, list[int]] = collections.defaultdict(list)
         self.stopped: dict[int, bool] = {}
         self.streamers = {}
@@ -436,6 +486,11 @@ class GenaiDecode:
             self.streamers = {seq: StopAwareStreamer(tokenizer, job.stops,
                                                      functools.partial(self._emit, to))
                               for seq, to in enumerate(choices)}
+
+    @staticmethod
+    def count(job: Job) -> int:
+        """Sequences the pipeline decodes for a job (greedy choices are all alike: one)."""
+        return job.sampling.n if job.sampling.temperature > 0 else 1
 
     def _emit(self, choices: list[int], text: str) -> None:
         for choice in choices:
@@ -512,25 +567,123 @@ class StopAwareStreamer:
             self.sent = len(ready)
 
 
+# -- admission and shutdown ------------------------------------------------------------------
+
+
+class Admission:
+    """The requests the server holds (decoding or waiting for the model), at most ``limit``:
+    past it a new one is refused with 429, and while the server drains (after SIGTERM) with
+    503, both with Retry-After, so a busy server's memory stays bounded and its clients know
+    to come back. Touched on the event loop's thread only (and ``draining`` by its signal
+    handler)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.draining = limit, 0, False
+
+    def enter(self) -> None:
+        if self.draining:
+            raise BadRequest("the server is shutting down: it answers the requests it holds "
+                             "and takes no new ones", status=503, kind="server_error",
+                             code="shutting_down", retry_after=RETRY_AFTER_SECONDS)
+        if self.held >= self.limit:
+            raise BadRequest(f"the server is busy: it holds {self.held} requests, its limit "
+                             f"(--max-batch + --max-queue); retry after {RETRY_AFTER_SECONDS} s",
+                             status=429, kind="rate_limit_error", code="queue_full",
+                             retry_after=RETRY_AFTER_SECONDS)
+        self.held += 1
+
+    def leave(self) -> None:
+        self.held -= 1
+
+
+def draining_server(app, admission: Admission):
+    """uvicorn's server, stopped by a drain: the first SIGTERM or Ctrl-C refuses new requests
+    (503) while the held ones are answered, then the server exits; a second stops it at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # uvicorn's handler of SIGINT and SIGTERM
+            if admission.draining:
+                super().handle_exit(sig, frame)
+                self.force_exit = True
+            admission.draining = True
+
+        announced = False
+
+        async def on_tick(self, counter: int) -> bool:  # uvicorn's main loop, every 0.1 s
+            if admission.draining and not self.should_exit:
+                if not admission.held:
+                    self.should_exit = True
+                elif not self.announced:
+                    self.announced = True
+                    print(f"serve: draining: answering the {admission.held} request(s) held, "
+                          f"new ones get 503 (a second Ctrl-C or SIGTERM stops at once)",
+                          file=sys.stderr, flush=True)
+            return await super().on_tick(counter)
+
+    return DrainingServer(uvicorn.Config(app, log_level="info", access_log=True))
+
+
+class BodyLimit:
+    """ASGI middleware: reading a request body of more than ``limit`` bytes raises HTTP 413
+    (the app answers it in OpenAI's shape), at once by its Content-Length or as soon as a
+    chunked body grows past it, so no request costs more memory than that."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        read = 0
+
+        async def limited():
+            nonlocal read
+            if declared.isdigit() and int(declared) > self.limit:
+                raise HTTPException(413)
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def until_disconnect(receive) -> None:
+    """Returns when the client has hung up (a request's body is read by then, so the next
+    ASGI message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 # -- the HTTP app ----------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, api_key: str | None = None):
+def create_app(engine: Engine, admission: Admission, api_key: str | None = None,
+               max_body: int = MAX_BODY_BYTES):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="llmctl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # (not FastAPI's own max_body_size: its 413 is plain text, not OpenAI's JSON error)
+    app.add_middleware(BodyLimit, limit=max_body)
 
     def error(status: int, message: str, kind: str = "invalid_request_error",
-              param: str | None = None) -> JSONResponse:
+              param: str | None = None, code: str | None = None,
+              retry_after: int | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                       "code": None}}, status_code=status)
+                                       "code": code}}, status_code=status,
+                            headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, err: BadRequest):
-        return error(err.status, err.message, err.kind, err.param)
+        return error(err.status, err.message, err.kind, err.param, err.code, err.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
@@ -543,88 +696,148 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException):
-        return error(err.status_code, str(err.detail), "not_found_error"
+        # 400 here: a body that is not UTF-8 or nests too deep to parse; 413: one too large.
+        message = (f"the body is over {max_body} bytes" if err.status_code == 413 else
+                   "the body is not JSON in UTF-8 (or nests too deep)"
+                   if err.status_code == 400 else str(err.detail))
+        return error(err.status_code, message, "not_found_error"
                      if err.status_code == 404 else "invalid_request_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)",
-                             "authentication_error")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, err: Exception):  # logged with its traceback by uvicorn
+        return error(500, f"llmctl serve failed: {type(err).__name__}", "server_error")
+
+    class RequireKey:
+        """Every /v1 request bears the key (pure ASGI: FastAPI's ``@app.middleware`` would hide
+        a client's hang-up from the endpoints behind it)."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/v1"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+                    refused = error(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    "authentication_error")
+                    return await refused(scope, receive, send)
+            await self.app(scope, receive, send)
+
+    if api_key:
+        app.add_middleware(RequireKey)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "engine": engine.kind,
-                "in_flight": engine.in_flight, "batches": engine.batches,
-                "largest_batch": engine.largest_batch}
+        # 503 while draining, so that a load balancer stops sending requests here.
+        return JSONResponse({
+            "status": "draining" if admission.draining else "ok", "model": engine.name,
+            "engine": engine.kind, "in_flight": admission.held, "queued": engine.queued,
+            "max_in_flight": admission.limit, "batches": engine.batches,
+            "largest_batch": engine.largest_batch}, status_code=503 if admission.draining else 200)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model",
                                             "created": 0, "owned_by": "llmctl"}]}
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        if not request.url.path.startswith("/v1/") or request.method != "POST":
-            return await call_next(request)
-        engine.in_flight += 1
-        try:
-            return await call_next(request)
-        finally:  # (a streamed answer is counted until its headers are out: enough for health)
-            engine.in_flight -= 1
-
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise BadRequest("prompt: empty list", "prompt")
-        return await answer(body, [engine.encode(p, chat=False) for p in prompts], chat=False)
+        if not prompts or len(prompts) * body.n > MAX_CHOICES:
+            raise BadRequest(f"prompt: 1 to {MAX_CHOICES} completions per request "
+                             f"(prompts x n)", "prompt")
+        return await answer(request, body, lambda: [engine.encode(p, False, "prompt")
+                                                    for p in prompts], chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        return await answer(body, [engine.encode(engine.render_chat(body.messages), chat=True)],
-                            chat=True)
+    async def chat(body: ChatRequest, request: Request):
+        return await answer(request, body, lambda: [engine.encode(
+            engine.render_chat(body.messages), True, "messages")], chat=True)
 
-    async def answer(body: Sampling, prompts: list[torch.Tensor], chat: bool):
+    class HeldStream(StreamingResponse):
+        """A streamed answer that frees its request's place however it ends: done, failed, or
+        its client gone before or during the stream."""
+
+        def __init__(self, content, on_close: Callable[[], None], **kwargs):
+            super().__init__(content, **kwargs)
+            self.on_close = on_close
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+
+    async def answer(request: Request, body: Sampling,
+                     encode: Callable[[], list[torch.Tensor]], chat: bool):
         body.unsupported()
         if body.model not in (None, engine.name):
             raise BadRequest(f"model {body.model!r} is not served here (this server: "
                              f"{engine.name!r})", "model", 404, "not_found_error")
         stops = body.stops()
-        default = 16 if not chat else (engine.positions or 4096)  # OpenAI's defaults
-        budgets = [engine.budget(ids.shape[1], body.max_tokens, default) for ids in prompts]
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        jobs = []
-        for p, (ids, budget) in enumerate(zip(prompts, budgets)):
-            on_text = None
-            if body.stream:
-                def on_text(choice: int, text: str, p: int = p) -> None:
-                    loop.call_soon_threadsafe(pieces.put_nowait, (p * body.n + choice, text))
-            jobs.append(Job(ids, budget, body, stops, on_text))
-        for job in jobs:
-            engine.jobs.put(job)
+        admission.enter()
+        jobs: list[Job] = []
+        gone: asyncio.Future | None = None  # done when the client hangs up
+        streaming = False
 
-        if not body.stream:
-            results = [await asyncio.wrap_future(job.done) for job in jobs]
-            choices = [c for result in results for c in result]
-            usage = usage_of(prompts, choices)
-            if chat:
-                return {"id": rid, "object": "chat.completion", "created": created,
-                        "model": engine.name, "usage": usage, "choices": [
-                            {"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason, "logprobs": None}
-                            for i, c in enumerate(choices)]}
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": engine.name, "usage": usage, "choices": [
-                        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                         "logprobs": None} for i, c in enumerate(choices)]}
+        def finish() -> None:  # however the request ends: drop what still decodes, free its place
+            for job in jobs:
+                job.cancelled.set()
+            if gone is not None:
+                gone.cancel()
+            admission.leave()
+
+        try:
+            prompts = encode()
+            default = 16 if not chat else (engine.positions or 4096)  # OpenAI's defaults
+            budgets = [engine.budget(ids.shape[1], body.max_tokens, default,
+                                     "messages" if chat else "prompt") for ids in prompts]
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue = asyncio.Queue()
+            for p, (ids, budget) in enumerate(zip(prompts, budgets)):
+                on_text = None
+                if body.stream:
+                    def on_text(choice: int, text: str, p: int = p) -> None:
+                        loop.call_soon_threadsafe(pieces.put_nowait, (p * body.n + choice, text))
+                jobs.append(Job(ids, budget, body, stops, on_text))
+            for job in jobs:
+                engine.jobs.put(job)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            gone = asyncio.ensure_future(until_disconnect(request.receive))
+            if body.stream:
+                streaming = True
+                return HeldStream(stream(rid, chat, body, jobs, pieces, gone), finish,
+                                  media_type="text/event-stream")
+            results = asyncio.ensure_future(results_of(jobs))
+            await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not results.done():  # the client hung up: nobody to answer
+                results.cancel()
+                return Response(status_code=499)  # nginx's "client closed request"
+            return completion(rid, chat, prompts, results.result())
+        finally:
+            if not streaming:
+                finish()
+
+    async def results_of(jobs: list[Job]) -> list[list[Choice]]:
+        return [await asyncio.wrap_future(job.done) for job in jobs]
+
+    def completion(rid: str, chat: bool, prompts: list[torch.Tensor],
+                   results: list[list[Choice]]) -> dict:
+        choices = [c for result in results for c in result]
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": engine.name,
+                "usage": usage_of(prompts, choices)}
+        if chat:
+            return {**head, "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c.text},
+                 "finish_reason": c.finish_reason, "logprobs": None}
+                for i, c in enumerate(choices)]}
+        return {**head, "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                                     "logprobs": None} for i, c in enumerate(choices)]}
+
+    async def stream(rid: str, chat: bool, body: Sampling, jobs: list[Job],
+                     pieces: asyncio.Queue, gone: asyncio.Future):
+        created = int(time.time())
 
         def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
@@ -640,34 +853,29 @@ def create_app(engine: Engine, api_key: str | None = None):
                     "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
-        async def events():
-            try:
-                if chat:
-                    for i in range(len(prompts) * body.n):
-                        yield chunk(i, None, None, first=True)
-                for p, job in enumerate(jobs):
-                    done = asyncio.wrap_future(job.done)
-                    while not done.done() or not pieces.empty():
-                        getter = asyncio.ensure_future(pieces.get())
-                        await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter.done():
-                            index, text = getter.result()
-                            yield chunk(index, text, None)
-                        else:
-                            getter.cancel()
-                    try:
-                        result = done.result()
-                    except Exception as err:  # the model failed mid-stream: say so in-band
-                        yield f"data: {json.dumps({'error': {'message': str(err)}})}\n\n"
+        if chat:
+            for i in range(len(jobs) * body.n):
+                yield chunk(i, None, None, first=True)
+        for p, job in enumerate(jobs):
+            done = asyncio.wrap_future(job.done)
+            while not done.done() or not pieces.empty():
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, done, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    index, text = getter.result()
+                    yield chunk(index, text, None)
+                else:
+                    getter.cancel()
+                    if gone.done():  # the client hung up (HeldStream frees its place)
                         return
-                    for c, choice in enumerate(result):
-                        yield chunk(p * body.n + c, None, choice.finish_reason)
-                yield "data: [DONE]\n\n"
-            finally:  # the client left (or the stream ended): drop what is still queued
-                for job in jobs:
-                    job.cancelled.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+            try:
+                result = done.result()
+            except Exception as err:  # the model failed mid-stream: say so in-band
+                yield f"data: {json.dumps({'error': {'message': str(err)}})}\n\n"
+                return
+            for c, choice in enumerate(result):
+                yield chunk(p * body.n + c, None, choice.finish_reason)
+        yield "data: [DONE]\n\n"
 
     return app
 
@@ -710,16 +918,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) -> None:
-    import uvicorn
+def read_api_key() -> str | None:
+    """The key every /v1 request must bear: ``LLMCTL_API_KEY``, or the first line of the file
+    ``LLMCTL_API_KEY_FILE`` names (a mounted secret); None without either."""
+    from pathlib import Path
 
+    key, path = os.environ.get(API_KEY_ENV), os.environ.get(API_KEY_FILE_ENV)
+    if key and path:
+        raise UserError(f"{API_KEY_ENV} and {API_KEY_FILE_ENV} are both set: set one")
+    if path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or "not UTF-8 text"
+            raise UserError(f"{API_KEY_FILE_ENV}={path}: cannot read the API key ({reason})"
+                            ) from None
+        if not key:
+            raise UserError(f"{API_KEY_FILE_ENV}={path}: the file is empty")
+    return key or None
+
+
+def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16,
+          max_queue: int = MAX_QUEUE, max_body: int = MAX_BODY_BYTES) -> None:
     from llmctl.models import check_loadable, device, load_tokenizer, model_dir
     from llmctl.quantization import load_model, runtime
 
     path, name = resolve_model(recipe, model)
     check_loadable(path, recipe.model, "--model")
+    api_key = read_api_key()
     sock = bind(host, port)
-    api_key = os.environ.get(API_KEY_ENV) or None
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
     directory = model_dir(path)  # a .gguf file's converted directory
     if runtime(directory) == "openvino-genai":
@@ -730,13 +957,14 @@ def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16) 
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"serving {name} ({path}) at http://{shown}:{bound_port}/v1 ({engine.kind}, up to "
-          f"{max_batch} sequences at once)"
+          f"{max_batch} sequences at once, {max_queue} more requests waiting, bodies up to "
+          f"{max_body} bytes)"
           f"{'' if api_key else ' (no API key: set ' + API_KEY_ENV + ' to require one)'}",
           flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {host} without {API_KEY_ENV}: anyone who can reach this "
               f"port can use the model", flush=True)
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish, exits.
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="info",
-                                           access_log=True))
-    server.run(sockets=[sock])
+    admission = Admission(max_batch + max_queue)
+    draining_server(create_app(engine, admission, api_key, max_body), admission).run(
+        sockets=[sock])
+    print("serve: stopped (every request it held was answered)", file=sys.stderr, flush=True)

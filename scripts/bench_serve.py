@@ -1,26 +1,38 @@
-"""`llmctl serve` under load: 1, 4 and 16 concurrent clients against the same requests sent one
+"""`llmctl serve` under load, two modes.
+
+Throughput (the default): 1, 4 and 16 concurrent clients against the same requests sent one
 at a time, on an OPT-125m-shaped model (built from its config: the real one's compute, no
 download), through the official `openai` client. Two servers: the fp32 model (transformers,
 dynamic batching) and its OpenVINO INT8-weights copy as `quantize` writes it (openvino-genai,
-continuous batching).
+continuous batching). For each server and level: requests completed (must be all), p50 / p95
+latency, and aggregate generated tokens/s with its ratio to that server's one-at-a-time rate
+measured in the same run. The levels interleave round by round, because this machine's speed
+drifts by +-20% within a minute.
 
-For each server and level: requests completed (must be all), p50 / p95 latency, and aggregate
-generated tokens/s with its ratio to that server's one-at-a-time rate measured in the same run.
-The levels interleave round by round, because this machine's speed drifts by +-20% within a
-minute. Usage:
+Soak (``--soak SECONDS``): 16 clients stream completions back to back for that long from one
+server (the demo model by default: the demo's pretrain shape with its tokenizer, untrained;
+``--model`` serves another), then the server gets SIGTERM while they are mid-request. Reports
+requests done and lost (a request is lost unless it streams to its finish_reason, or is
+refused with 503 and Retry-After after the SIGTERM), p50 / p95 latency and time to first
+token, the server's resident memory (RSS) after the first minute (a quarter of a shorter
+soak) and at the end, and the drain: a request sent after the SIGTERM gets 503, the ones in
+flight finish, the server exits 0. Usage:
 
     python scripts/bench_serve.py [--requests 16] [--tokens 32] [--rounds 2] [--models fp32]
+    python scripts/bench_serve.py --soak 600 [--clients 16] [--tokens 32] [--json soak.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,8 +70,26 @@ def openvino_copy(model: Path, out: Path) -> None:
     quantization.save(qmodel, chosen, out, load_tokenizer(str(model)))
 
 
+def demo_model(folder: Path, tokenizer: Path | None) -> None:
+    """The demo's model as `llmctl demo` pretrains it (its [pretrain] architecture and config),
+    untrained: decoding costs the same. With the demo assets' tokenizer (built if not given)."""
+    import tomllib
+
+    from llmctl.demo.assets import build_assets
+    from llmctl.models import build_causal_lm, load_tokenizer, save_model
+
+    if tokenizer is None:
+        tokenizer = Path(build_assets(folder.parent / "assets", seed=0)["tokenizer"])
+    pretrain = tomllib.loads((REPO / "llmctl/demo/demo.toml").read_text())["pretrain"]
+    loaded = load_tokenizer(str(tokenizer))
+    model = build_causal_lm(pretrain["architecture"], pretrain["config"], loaded,
+                            pretrain["seq_len"])
+    save_model(model.eval(), loaded, folder)
+
+
 def start_server(model: Path, recipe: Path) -> tuple[subprocess.Popen, str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLMCTL_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMCTL_API_KEY",
+                                                            "LLMCTL_API_KEY_FILE")}
     proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(recipe), "--model",
                              str(model), "--port", "0"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -67,6 +97,11 @@ def start_server(model: Path, recipe: Path) -> tuple[subprocess.Popen, str]:
     if " at " not in line:
         raise SystemExit(f"server did not start: {line!r}")
     return proc, line.split(" at ")[1].split()[0]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def load(client, clients: int, requests: int, tokens: int) -> dict:
@@ -81,10 +116,138 @@ def load(client, clients: int, requests: int, tokens: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
-    latencies = sorted(r[0] for r in results)
+    latencies = [r[0] for r in results]
     return {"completed": len(results), "wall": wall, "tokens": sum(r[1] for r in results),
             "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
+            "p95": percentile(latencies, 0.95)}
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return "unknown CPU"
+
+
+def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens: int) -> dict:
+    """``clients`` threads stream completions back to back for ``seconds``, then SIGTERM."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=120)
+    stop, sigterm = threading.Event(), threading.Event()
+    done: list[tuple[float, float]] = []  # (latency, time to first token) of each answered one
+    refused, lost = [], []
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        first, finish = None, None
+        try:
+            for chunk in client.completions.create(
+                    model="model", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
+                    temperature=0, stream=True):
+                first = first or time.perf_counter()
+                finish = chunk.choices[0].finish_reason or finish
+        except openai.APIStatusError as err:
+            if sigterm.is_set() and err.status_code == 503 and err.response.headers.get(
+                    "retry-after"):
+                refused.append(i)
+                return
+            lost.append(f"HTTP {err.status_code}: {err.message}")
+            return
+        except Exception as err:  # noqa: BLE001 - a lost request, reported
+            lost.append(f"{type(err).__name__}: {err}")
+            return
+        if finish is None:
+            lost.append("the stream ended without a finish_reason")
+        else:
+            done.append((time.perf_counter() - t0, first - t0))
+
+    def client_loop(c: int) -> None:
+        i = c
+        while not stop.is_set():
+            one(i)
+            i += clients
+
+    health = url.removesuffix("/v1") + "/health"
+    warm_at = min(60.0, seconds / 4)
+    rss: list[tuple[float, int]] = []
+    load_start = os.getloadavg()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        rss.append((elapsed, rss_bytes(proc.pid)))
+        time.sleep(min(1.0, max(seconds - elapsed, 0)))
+    rss_end = rss_bytes(proc.pid)
+    state = httpx.get(health).json()
+    load_end = os.getloadavg()
+    answered_before = len(done)
+    # The drain: SIGTERM with every client mid-request; a new request must get 503.
+    proc.send_signal(signal.SIGTERM)
+    sigterm.set()
+    probe = httpx.post(f"{url}/completions", json={"prompt": "Hi", "max_tokens": 2})
+    stop.set()
+    for t in threads:
+        t.join()
+    rc = proc.wait(timeout=120)
+    latencies, firsts = [d[0] for d in done], [d[1] for d in done]
+    rss_warm = next(r for t, r in rss if t >= warm_at) if rss[-1][0] >= warm_at else rss[-1][1]
+    return {
+        "seconds": seconds, "clients": clients, "tokens": tokens, "cpu": cpu_name(),
+        "load_average_start": load_start, "load_average_end": load_end,
+        "requests_done": len(done), "requests_lost": len(lost), "lost": lost[:10],
+        "requests_per_second": answered_before / seconds,
+        "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
+        "first_token_p50_s": statistics.median(firsts),
+        "first_token_p95_s": percentile(firsts, 0.95),
+        "rss_warm_at_s": warm_at, "rss_warm_bytes": rss_warm, "rss_end_bytes": rss_end,
+        "rss_max_bytes": max(r for _, r in rss), "rss_growth": rss_end / rss_warm - 1,
+        "batches": state["batches"], "largest_batch": state["largest_batch"],
+        "drain": {"in_flight_at_sigterm": state["in_flight"],
+                  "answered_after_sigterm": len(done) - answered_before,
+                  "refused_after_sigterm": len(refused), "probe_status": probe.status_code,
+                  "probe_retry_after": probe.headers.get("retry-after"), "exit_code": rc}}
+
+
+def soak_main(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "serve.toml"
+        recipe.write_text('[run]\nname = "soak-serve"\n')
+        model = args.model
+        if model is None:
+            model = Path(tmp) / "demo" / "model"
+            model.parent.mkdir()
+            demo_model(model, args.tokenizer)
+        proc, url = start_server(model, recipe)
+        try:
+            report = soak(url, proc, args.soak, args.clients, args.tokens)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    mib = 1 << 20
+    print(f"soak: {report['clients']} streaming clients x {report['seconds']:.0f} s, "
+          f"{report['tokens']} tokens each, {report['cpu']}, load average "
+          f"{report['load_average_start'][0]:.2f} -> {report['load_average_end'][0]:.2f}\n"
+          f"  requests done {report['requests_done']}, lost {report['requests_lost']} "
+          f"{report['lost']}, {report['requests_per_second']:.2f}/s\n"
+          f"  latency p50 {report['p50_s']:.2f} s, p95 {report['p95_s']:.2f} s; first token "
+          f"p50 {report['first_token_p50_s']:.2f} s, p95 {report['first_token_p95_s']:.2f} s\n"
+          f"  server RSS after {report['rss_warm_at_s']:.0f} s "
+          f"{report['rss_warm_bytes'] / mib:.1f} MiB, at the end "
+          f"{report['rss_end_bytes'] / mib:.1f} MiB ({report['rss_growth']:+.1%}), max "
+          f"{report['rss_max_bytes'] / mib:.1f} MiB\n"
+          f"  drain: {report['drain']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -94,7 +257,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", default="fp32,openvino",
                         help="comma-separated: fp32 (transformers), openvino (openvino-genai)")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="run the soak for this long instead of the throughput levels")
+    parser.add_argument("--clients", type=int, default=16, help="soak: concurrent clients")
+    parser.add_argument("--model", type=Path, help="soak: the model to serve (default: the "
+                        "demo's shape, untrained)")
+    parser.add_argument("--tokenizer", type=Path, help="soak: the demo tokenizer, if built "
+                        "(default: build the demo assets)")
+    parser.add_argument("--json", help="soak: also write the report here")
     args = parser.parse_args()
+    if args.soak:
+        return soak_main(args)
     import openai
 
     names = args.models.split(",")

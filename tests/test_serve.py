@@ -86,7 +86,8 @@ def served(request, tmp_path_factory):
 def server(served, tmp_path_factory):
     engine, model = served
     proc, url, line = start(model, tmp_path_factory.mktemp("server"))
-    assert f"({ENGINES[engine]}, up to 16 sequences at once)" in line
+    assert f"({ENGINES[engine]}, up to 16 sequences at once, 64 more requests waiting, " \
+        "bodies up to 1048576 bytes)" in line
     yield url
     assert stop(proc) == 0
 
@@ -191,9 +192,12 @@ def test_bad_requests_are_400_with_a_json_error(client, server):
                      headers={"content-type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     assert httpx.post(f"{server}/chat/completions", json={"messages": []}).status_code == 400
-    # max_tokens beyond the context is capped to it, not refused
-    capped = client.completions.create(model="chatty", prompt="Hi", max_tokens=10_000,
-                                       temperature=0)
+    # max_tokens beyond the context is refused; left out, it is capped to the context
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="chatty", prompt="Hi", max_tokens=64, temperature=0)
+    assert err.value.body["param"] == "max_tokens"
+    capped = client.chat.completions.create(
+        model="chatty", messages=[{"role": "user", "content": "Hi"}], temperature=0)
     assert capped.usage.prompt_tokens + capped.usage.completion_tokens <= 64
 
 
