@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import model_fingerprint, path_fingerprint
-from llmctl.paths import is_local, is_remote, looks_local  # noqa: F401 - re-exported
+from llmctl.paths import exists, is_local, is_remote, looks_local  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
 LOCK = ".llmctl.lock"
@@ -85,7 +85,7 @@ def is_complete(stage_dir: str | Path) -> bool:
 def require_input(path: str, key: str) -> None:
     """Check a stage input that should exist locally; hub ids are left to the loader."""
     p = Path(path)
-    if p.exists():
+    if exists(p):
         if (p.parent / MANIFEST).exists() and not is_complete(p.parent):
             raise UserError(f"{key}: {path} belongs to an unfinished stage")
         return
@@ -108,6 +108,21 @@ def check_replaceable(final_dir: Path, stage: str) -> None:
         what = "a file" if not final_dir.is_dir() else "a directory llmctl did not write"
         raise UserError(f"{final_dir}: {what} (no llmctl manifest of stage '{stage}'); "
                         f"llmctl will not replace it: move it away or use another --run-dir")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory is a directory or can be made one (its nearest existing ancestor is a
+    directory): exit 2 naming run.dir before anything is written."""
+    try:
+        for path in (Path(run_dir), *Path(run_dir).parents):
+            if path.is_symlink() and not path.exists():
+                raise UserError(f"run.dir: {path} is a broken or looping symlink")
+            if path.exists():
+                if not path.is_dir():
+                    raise UserError(f"run.dir: {path} exists and is not a directory")
+                return
+    except OSError as err:  # a name too long for the file system, say
+        raise UserError(f"run.dir: {run_dir}: {err.strerror}") from None
 
 
 # -- one process per run directory --------------------------------------------------------
@@ -139,6 +154,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
+    check_run_dir(run_dir)
     # The run directory and any parents this command makes (runs/ on a first run).
     created = [d for d in (Path(run_dir), *Path(run_dir).parents) if not d.exists()]
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -615,10 +615,10 @@ class LatencyConfig(Section):
 
 
 class BenchConfig(Section):
-    models: list[str] = Field(default_factory=list, description="stage names (\"merge\", "
-                              "\"quantize\", ...) or model paths; default: the last trained "
-                              "model and, when the recipe quantizes, the quantized one: the "
-                              "vanilla-vs-quantized table")
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="stage names (\"merge\", \"quantize\", ...) or model "
+        "paths; default: the last trained model and, when the recipe quantizes, the quantized "
+        "one: the vanilla-vs-quantized table")
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (registry or "
                              "task_path)")
     task_path: str | None = Field(None, description="a directory of local lm-eval YAML tasks")
