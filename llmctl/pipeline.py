@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmctl import distributed
+from llmctl import distributed, rundir
 from llmctl.errors import UserError
 from llmctl.fingerprint import changed
 from llmctl.paths import demo_hint, exists, is_local, looks_local
@@ -37,7 +37,12 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
         from transformers import set_seed
 
         set_seed(recipe.run.seed)
-        return spec.run(StageContext(recipe, stage, cfg, recipe.upstream_inputs(stage)))
+        try:
+            return spec.run(StageContext(recipe, stage, cfg, recipe.upstream_inputs(stage)))
+        except UserError:
+            if rundir.ACTIVE is not None and rundir.ACTIVE.stage == stage:
+                rundir.ACTIVE.abandon()  # a refused input leaves the run directory as it was
+            raise
 
 
 def why_stale(recipe: Recipe, stage: str) -> str | None:

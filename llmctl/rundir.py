@@ -141,6 +141,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """
     import fcntl
 
+    check_run_dir(run_dir)
     key = str(Path(run_dir).resolve())
     if distributed.is_launched() and not distributed.is_main_process():
         yield  # under torchrun, rank 0 holds the lock for the job
@@ -154,7 +155,6 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
-    check_run_dir(run_dir)
     # The run directory and any parents this command makes (runs/ on a first run).
     created = [d for d in (Path(run_dir), *Path(run_dir).parents) if not d.exists()]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def stage_of_path(path: str | Path, run_dir: Path) -> str | None:
     """``sft`` for ``<run_dir>/sft/adapter``: the stage whose output a path is, if any."""
     try:
         rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # outside it; a symlink loop (RuntimeError)
         return None
     return rel.parts[0] if len(rel.parts) > 1 and not rel.parts[0].startswith(".") else None
 
@@ -285,13 +285,18 @@ class StageRun:
         """
         global ACTIVE
         check_replaceable(self.final_dir, self.stage)
+        # What this run found, so that abandon() can put it back.
+        self._found = {"work": self.work_dir.exists(), "cache": self.cache_dir.exists(),
+                       "partial": self.work_dir.parent.exists(), "set_aside": False}
         if self.is_main_process:
             found = _read_stamp(self.work_dir)
             if self.work_dir.exists() and found.get("config_hash") != self.config_hash:
                 self._set_aside(found)
+                self._found["set_aside"] = self.superseded_dir.exists()
             if not self.work_dir.exists() and \
                     _read_stamp(self.superseded_dir).get("config_hash") == self.config_hash:
                 os.replace(self.superseded_dir, self.work_dir)
+                self._found["work"] = True  # resumed: the interrupted run's work stays
                 _say(f"  {self.stage}: the interrupted run kept aside has this config again: "
                      f"resuming it")
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +305,24 @@ class StageRun:
         distributed.barrier()  # from here every rank sees the same work dir and checkpoints
         ACTIVE = self
         return self
+
+    def abandon(self) -> None:
+        """The stage refused its input after it began (a check that needs the loaded data or
+        model): remove what this run made, put back what it set aside, as if it never began."""
+        global ACTIVE
+        ACTIVE = None
+        found = getattr(self, "_found", None)
+        if not self.is_main_process or found is None:
+            return
+        if not found["work"] or found["set_aside"]:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            if found["set_aside"]:
+                os.replace(self.superseded_dir, self.work_dir)
+        if not found["cache"]:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if not found["partial"]:
+            with contextlib.suppress(OSError):
+                self.work_dir.parent.rmdir()  # only when empty
 
     def _set_aside(self, found: dict[str, Any]) -> None:
         if not self.last_checkpoint():

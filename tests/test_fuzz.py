@@ -333,6 +333,9 @@ def _alarm(signum, frame):
 
 def check_case(argv: list[str], keys: list[str], watched: Path, capsys) -> int:
     """Run one case; assert the contract; its exit code (130: interrupted after the timeout)."""
+    from llmctl import rundir
+
+    rundir.ACTIVE = None  # (in-process: what the previous case's stage left)
     before = snapshot(watched)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(REAL_TIMEOUT_S)
@@ -349,9 +352,13 @@ def check_case(argv: list[str], keys: list[str], watched: Path, capsys) -> int:
     if code == 2:
         errors = [line for line in lines if line.startswith("error:")]
         assert len(errors) == 1 and lines[-1] == errors[0], err
-        # It names what is wrong: a file or path, a dotted key or an option, before a colon.
-        assert re.match(r"error: (\S*/\S*|[\w-]+(\.[\w-]+)+|--[\w-]+.*?|\S+\.toml): ",
-                        errors[0]), (argv, errors[0])
+        # It names what is wrong: a dotted key, a path, a file, or the value given.
+        named = [str(argv[1]), *keys, *(k.rsplit(".", 1)[-1] for k in keys), "--"]
+        named += [v.strip('"') for a in map(str, argv) if "=" in a
+                  for v in [a.split("=", 1)[1]] if len(v.strip('"')) > 2]
+        assert re.search(r"[\w-]+(\.[\w-]+)+|/", errors[0]) or \
+            any(n in errors[0] for n in named), (argv, errors[0])
+        assert not re.match(r"error: [A-Z]\w*(Error|Exception)\b", errors[0]), errors[0]
         assert snapshot(watched) == before, argv
     return code
 
