@@ -8,6 +8,7 @@ dotted key (``llmctl.recipe.validate``).
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -81,6 +82,16 @@ class DataSource(Section):
                                  "for evaluation (the last ones) when there is no eval_path")
     limit: int | None = Field(None, ge=1, description="use at most this many rows (after the "
                               "query)")
+
+    @field_validator("template")
+    @classmethod
+    def _parses(cls, template: str) -> str:
+        # A format string that str.format cannot read would fail on the first row.
+        try:
+            list(string.Formatter().parse(template))
+        except ValueError as err:
+            raise ValueError(f"template: not a format string ({err})") from None
+        return template
 
 
 class DistributedConfig(Section):

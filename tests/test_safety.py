@@ -201,6 +201,8 @@ def _cases():
                                      "--run-dir", "{root}/run2"], "bench.task_path: xxx"),
         ("bench-models-empty-name", ["bench", r, "--set", "bench.models=[\"\"]", "--run-dir",
                                      "{root}/run2"], "bench.models.0:"),
+        ("template-not-a-format", ["pretrain", r, "--set", "data.corpus.template=\"{{\""],
+         "data.corpus.template: not a format string"),
         ("sft-prompts-fill-seq-len", ["sft", r, "--set", "sft.seq_len=2", "--set",
                                       "sft.packing=false", "--set", "sft.completion_only_loss=true"],
          "sft.seq_len: every data.sentiment training row's prompt fills 2 tokens"),
@@ -213,7 +215,7 @@ DRY_RUN = {"data-no-table", "scheduler", "config-unknown-field", "dataset-missin
            "upstream-not-run", "ppo-reward-text-field", "ppo-reward-text-no-response",
            "stage-dir-not-ours", "bench-unknown-task", "negative-lr", "run-dir-is-a-file",
            "run-dir-symlink-loop", "path-name-too-long", "task-path-name-too-long",
-           "bench-models-empty-name"}
+           "bench-models-empty-name", "template-not-a-format"}
 
 
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
