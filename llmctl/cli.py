@@ -8,6 +8,7 @@ Exit codes: 0 success, 2 invalid input (one ``error:`` line), 1 any other failur
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -397,6 +398,29 @@ def interrupted_message() -> str:
     return f"error: interrupted; {stage.stage}: no checkpoint yet, a rerun starts it over"
 
 
+def failure_message(err: Exception) -> str:
+    """Exit 1 from an exception llmctl did not expect: it says llmctl failed, and where the
+    traceback went (the running stage's work directory, else a temporary file)."""
+    import tempfile
+
+    from llmctl import rundir
+
+    log = None
+    stage = rundir.ACTIVE
+    try:
+        if stage is not None and stage.work_dir.is_dir():
+            log = stage.work_dir / "error.log"
+        else:
+            fd, name = tempfile.mkstemp(prefix="llmctl-error-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
+        log.write_text("".join(traceback.format_exception(err)))
+    except OSError:
+        log = None
+    where = f"traceback in {log}" if log else "rerun with --debug for the traceback"
+    return f"llmctl failed ({type(err).__name__}: {err}); {where}"
+
+
 def _stderr():
     """The real stderr: a progress bar interrupted mid-run still holds sys.stderr in rich's
     line-buffering proxy, which would swallow the last line."""
@@ -430,9 +454,10 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into an exit code
         if _debug:
             traceback.print_exc(file=_stderr())
-        # Our own exceptions carry an exit code and a message written for users.
+        # Our own exceptions carry an exit code and a message written for users; any other is
+        # llmctl's failure, never a verdict on the input (bad input is caught as a UserError).
         code = getattr(err, "exit_code", 1)
-        message = str(err) if hasattr(err, "exit_code") else f"{type(err).__name__}: {err}"
+        message = str(err) if hasattr(err, "exit_code") else failure_message(err)
         if message:  # (empty when launched processes have already said what went wrong)
             print(f"error: {' '.join(message.split())}", file=_stderr())
         sys.exit(code)

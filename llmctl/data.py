@@ -231,7 +231,7 @@ def column_names(ds) -> list[str]:
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
+    return " ".join(str(err).split())[:300] or "no reason given"
 
 
 def run_query(ds, query: str, key: str):

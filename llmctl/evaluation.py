@@ -219,6 +219,11 @@ def task_manager_for(task_path: str | None, include_defaults: bool = True):
 def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks"):
     """The task manager, once every task name is known to it (exit 2 otherwise): ``task_path``'s
     own index when it holds every task, else the harness's too."""
+    from llmctl.paths import exists
+
+    if task_path and not (exists(task_path) and Path(task_path).is_dir()):
+        raise UserError(f"{key.rsplit('.', 1)[0]}.task_path: {task_path} is not a directory "
+                        f"(of lm-eval YAML tasks)")
     task_manager = task_manager_for(task_path, include_defaults=False) if task_path else None
     if task_manager is None or not all(t in task_manager.all_tasks for t in tasks):
         task_manager = task_manager_for(task_path)

@@ -15,6 +15,15 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_SCHEMES)
 
 
+def exists(path: str | Path) -> bool:
+    """Whether a path exists; one the system cannot even look up (a name longer than the file
+    system allows) does not."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
+
+
 def looks_local(path: str) -> bool:
     """Hub ids look like 'gpt2' or 'org/name'; a path with more parts or a leading ./ is local.
     An 'org/name' whose first part is a local directory is a local path too."""
@@ -22,14 +31,14 @@ def looks_local(path: str) -> bool:
         return False
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.lower().endswith(".gguf"):
         return True
-    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+    return "/" in path and exists(path.split("/", 1)[0]) and Path(path.split("/", 1)[0]).is_dir()
 
 
 def is_local(path: str) -> bool:
     """A path on this machine (existing, or written as one): not a hub id or remote URL."""
     if is_remote(path) or path.startswith("mem://"):
         return False
-    return looks_local(path) or Path(path).exists()
+    return looks_local(path) or exists(path)
 
 
 def demo_hint(path: str) -> str:

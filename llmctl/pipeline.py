@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmctl import distributed
+from llmctl import distributed, rundir
 from llmctl.errors import UserError
-from llmctl.paths import demo_hint, is_adapter_dir, is_local, looks_local
-from llmctl.progress import console
 from llmctl.fingerprint import changed, describe_changes
+from llmctl.paths import demo_hint, exists, is_adapter_dir, is_local, looks_local
+from llmctl.progress import console
 from llmctl.recipe import Recipe
-from llmctl.rundir import check_replaceable, read_manifest, require_input, run_dir_lock, \
-    stage_identity, stage_of_path
+from llmctl.rundir import check_replaceable, check_run_dir, read_manifest, require_input, \
+    run_dir_lock, stage_identity, stage_of_path
 from llmctl.stages import STAGES, StageContext
 
 
@@ -39,7 +39,12 @@ def run_stage(recipe: Recipe, stage: str) -> dict:
         from transformers import set_seed
 
         set_seed(recipe.run.seed)
-        return spec.run(StageContext(recipe, stage, cfg, recipe.upstream_inputs(stage)))
+        try:
+            return spec.run(StageContext(recipe, stage, cfg, recipe.upstream_inputs(stage)))
+        except UserError:
+            if rundir.ACTIVE is not None and rundir.ACTIVE.stage == stage:
+                rundir.ACTIVE.abandon()  # a refused input leaves the run directory as it was
+            raise
 
 
 def why_stale(recipe: Recipe, stage: str) -> str | None:
@@ -72,6 +77,7 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
     """Check each stage's inputs as far as possible without loading a model; exit 2 on the
     first problem. ``stages`` run in this order in this command, so an output of an earlier
     one need not exist yet."""
+    check_run_dir(recipe.run_dir)
     produced: set[str] = set()
     for stage in stages:
         cfg = recipe.stage_config(stage)
@@ -83,7 +89,7 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                 source = recipe.data_source(stage, name, key)
                 for field in ("path", "eval_path"):
                     path = getattr(source, field)
-                    if path and is_local(path) and not Path(path).exists():
+                    if path and is_local(path) and not exists(path):
                         raise UserError(f"{recipe.source}: data.{name}.{field}: dataset {path} "
                                         f"does not exist{demo_hint(path)}")
         if spec.check:  # the stage's own rules, before loading what it reads
@@ -93,12 +99,12 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
             if upstream in produced:
                 continue
             if upstream and upstream in STAGES and getattr(recipe, upstream) is None \
-                    and not Path(path).exists():
+                    and not exists(path):
                 raise UserError(f"{stage}.{name}: {path} does not exist and no stage of this "
                                 f"recipe produces it (add a [{upstream}] table or set "
                                 f"{stage}.{name})")
             require_input(path, f"{stage}.{name}")
-            if name != "tokenizer" and Path(path).exists():
+            if name != "tokenizer" and exists(path):
                 from llmctl.models import check_loadable
 
                 if name == "adapter" and not is_adapter_dir(path):
@@ -108,7 +114,7 @@ def preflight(recipe: Recipe, stages: list[str]) -> None:
                                causal_lm=not name.startswith(spec.classifier_inputs))
         for key in ("tokenizer", "task_path", "prompts_file"):
             path = getattr(cfg, key, None)
-            if path and looks_local(path) and not Path(path).exists():
+            if path and looks_local(path) and not exists(path):
                 raise UserError(f"{recipe.source}: {stage}.{key}: {path} does not exist"
                                 f"{demo_hint(path)}")
         if getattr(cfg, "init", None) == "config":

@@ -33,7 +33,7 @@ from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import BASE_FINGERPRINT, config_hash, describe_changes, model_fingerprint, \
     path_fingerprint
-from llmctl.paths import is_local, is_remote, looks_local  # noqa: F401 - re-exported
+from llmctl.paths import exists, is_local, is_remote, looks_local  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
 LOCK = ".llmctl.lock"
@@ -86,7 +86,7 @@ def is_complete(stage_dir: str | Path) -> bool:
 def require_input(path: str, key: str) -> None:
     """Check a stage input that should exist locally; hub ids are left to the loader."""
     p = Path(path)
-    if p.exists():
+    if exists(p):
         if (p.parent / MANIFEST).exists() and not is_complete(p.parent):
             raise UserError(f"{key}: {path} belongs to an unfinished stage")
         return
@@ -111,6 +111,21 @@ def check_replaceable(final_dir: Path, stage: str) -> None:
                         f"llmctl will not replace it: move it away or use another --run-dir")
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory is a directory or can be made one (its nearest existing ancestor is a
+    directory): exit 2 naming run.dir before anything is written."""
+    try:
+        for path in (Path(run_dir), *Path(run_dir).parents):
+            if path.is_symlink() and not path.exists():
+                raise UserError(f"run.dir: {path} is a broken or looping symlink")
+            if path.exists():
+                if not path.is_dir():
+                    raise UserError(f"run.dir: {path} exists and is not a directory")
+                return
+    except OSError as err:  # a name too long for the file system, say
+        raise UserError(f"run.dir: {run_dir}: {err.strerror}") from None
+
+
 # -- one process per run directory --------------------------------------------------------
 
 _HELD: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth)
@@ -130,6 +145,7 @@ def run_dir_lock(run_dir: Path, held_elsewhere: bool = False) -> Iterator[None]:
     """
     import fcntl
 
+    check_run_dir(run_dir)
     key = str(Path(run_dir).resolve())
     if distributed.is_launched() and not distributed.is_main_process():
         yield  # under torchrun, rank 0 holds the lock for the job
@@ -204,7 +220,7 @@ def stage_of_path(path: str | Path, run_dir: Path) -> str | None:
     """``sft`` for ``<run_dir>/sft/adapter``: the stage whose output a path is, if any."""
     try:
         rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # outside it; a symlink loop (RuntimeError)
         return None
     return rel.parts[0] if len(rel.parts) > 1 and not rel.parts[0].startswith(".") else None
 
@@ -285,13 +301,18 @@ class StageRun:
         """
         global ACTIVE
         check_replaceable(self.final_dir, self.stage)
+        # What this run found, so that abandon() can put it back.
+        self._found = {"work": self.work_dir.exists(), "cache": self.cache_dir.exists(),
+                       "partial": self.work_dir.parent.exists(), "set_aside": False}
         if self.is_main_process:
             found = _read_stamp(self.work_dir)
             if self.work_dir.exists() and found.get("config_hash") != self.config_hash:
                 self._set_aside(found)
+                self._found["set_aside"] = self.superseded_dir.exists()
             if not self.work_dir.exists() and \
                     _read_stamp(self.superseded_dir).get("config_hash") == self.config_hash:
                 os.replace(self.superseded_dir, self.work_dir)
+                self._found["work"] = True  # resumed: the interrupted run's work stays
                 _say(f"  {self.stage}: the interrupted run kept aside has this config again: "
                      f"resuming it")
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +322,24 @@ class StageRun:
         gpu_peak_memory(reset=True)  # each stage of `llmctl run` reports its own peak
         ACTIVE = self
         return self
+
+    def abandon(self) -> None:
+        """The stage refused its input after it began (a check that needs the loaded data or
+        model): remove what this run made, put back what it set aside, as if it never began."""
+        global ACTIVE
+        ACTIVE = None
+        found = getattr(self, "_found", None)
+        if not self.is_main_process or found is None:
+            return
+        if not found["work"] or found["set_aside"]:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            if found["set_aside"]:
+                os.replace(self.superseded_dir, self.work_dir)
+        if not found["cache"]:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if not found["partial"]:
+            with contextlib.suppress(OSError):
+                self.work_dir.parent.rmdir()  # only when empty
 
     def _set_aside(self, found: dict[str, Any]) -> None:
         if not self.last_checkpoint():

@@ -8,6 +8,7 @@ dotted key (``llmctl.recipe.validate``).
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
@@ -80,6 +81,16 @@ class DataSource(Section):
                                  "for evaluation (the last ones) when there is no eval_path")
     limit: int | None = Field(None, ge=1, description="use at most this many rows (after the "
                               "query)")
+
+    @field_validator("template")
+    @classmethod
+    def _parses(cls, template: str) -> str:
+        # A format string that str.format cannot read would fail on the first row.
+        try:
+            list(string.Formatter().parse(template))
+        except ValueError as err:
+            raise ValueError(f"template: not a format string ({err})") from None
+        return template
 
 
 class DistributedConfig(Section):
@@ -581,10 +592,10 @@ class LatencyConfig(Section):
 
 
 class BenchConfig(Section):
-    models: list[str] = Field(default_factory=list, description="stage names (\"merge\", "
-                              "\"quantize\", ...) or model paths; default: the last trained "
-                              "model and, when the recipe quantizes, the quantized one: the "
-                              "vanilla-vs-quantized table")
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="stage names (\"merge\", \"quantize\", ...) or model "
+        "paths; default: the last trained model and, when the recipe quantizes, the quantized "
+        "one: the vanilla-vs-quantized table")
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (registry or "
                              "task_path)")
     task_path: str | None = Field(None, description="a directory of local lm-eval YAML tasks")

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -247,3 +249,77 @@ def test_demo_recipes_before_the_demo_say_how_to_make_it(tmp_path, monkeypatch, 
     code, _, err = run_cli([stage, REPO / "recipes" / recipe], capsys)
     assert code == 2 and "runs/demo/" in err and "`llmctl demo` builds runs/demo first" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_an_unexpected_exception_is_llmctl_failed_with_its_traceback_saved(
+        tmp_path, capsys, monkeypatch, started):
+    """Exit 1 means llmctl failed, and says so: the exception's class only after "llmctl
+    failed", and the traceback in the stage's work directory (or a temporary file before one
+    exists)."""
+    import llmctl.pipeline
+    from llmctl import rundir
+
+    def fail(recipe, stage):
+        if started:  # what StageRun.begin leaves: the stage's work directory, as ACTIVE
+            work_dir = recipe.run_dir / ".partial" / stage
+            work_dir.mkdir(parents=True)
+            monkeypatch.setattr(rundir, "ACTIVE", SimpleNamespace(work_dir=work_dir))
+        raise ValueError("a library's own complaint")
+
+    monkeypatch.setattr(llmctl.pipeline, "run_stage", fail)
+    monkeypatch.setattr(rundir, "ACTIVE", None)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[run]\nname = "x"\ndir = "{tmp_path / "run"}"\n[generate]\n'
+                      f'model = "{tmp_path}"\n')
+    code, _, err = run_cli(["generate", recipe], capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: llmctl failed (ValueError: a library's own complaint); "
+                               "traceback in "), err
+    log = Path(lines[0].rsplit("traceback in ", 1)[1])
+    assert "Traceback" in log.read_text() and "a library's own complaint" in log.read_text()
+    if started:
+        assert log == tmp_path / "run" / ".partial" / "generate" / "error.log"
+    else:
+        assert tmp_path not in log.parents
+        log.unlink()
+
+
+def test_no_exception_class_reaches_the_user_as_an_input_error():
+    """What the CLI prints comes from a UserError's message or from `failure_message`; no
+    UserError message is built from an exception's class name (`type(err).__name__`), and the
+    CLI names a class only after "llmctl failed"."""
+    import ast
+    import inspect
+
+    import llmctl.cli
+
+    def names_a_class(node) -> bool:  # type(err).__name__ of a caught exception or a parameter
+        return any(isinstance(n, ast.Attribute) and n.attr == "__name__"
+                   and isinstance(n.value, ast.Call) and getattr(n.value.func, "id", "") == "type"
+                   and n.value.args and getattr(n.value.args[0], "id", "") in caught
+                   for n in ast.walk(node))
+
+    package = Path(llmctl.cli.__file__).parent
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        caught = {h.name for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and h.name}
+        caught |= {a.arg for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                   for a in f.args.args if a.annotation is not None
+                   and "Exception" in ast.unparse(a.annotation)}
+        helpers = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                   and any(isinstance(r, ast.Return) and r.value is not None
+                           and names_a_class(r.value) for r in ast.walk(f))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "UserError":
+                called = {getattr(n.func, "id", "") for n in ast.walk(node)
+                          if isinstance(n, ast.Call)}
+                assert not names_a_class(node) and not called & helpers, \
+                    f"{path.name}:{node.lineno}: a UserError message names an exception class"
+    cli_tree = ast.parse(inspect.getsource(llmctl.cli))
+    caught = {"err"}
+    where = [f.name for f in ast.walk(cli_tree) if isinstance(f, ast.FunctionDef)
+             and f.name != "main" and names_a_class(f)]
+    assert where == ["failure_message"], where
+    assert 'f"llmctl failed ({type(err).__name__}' in inspect.getsource(llmctl.cli.failure_message)

@@ -113,3 +113,80 @@ def test_ingest_formats(tmp_path):
     write_dataset(dest, read_records(jsonl), "first")
     with pytest.raises(UserError, match="already exists"):
         write_dataset(dest, read_records(jsonl), "again")
+
+
+def _dataset_state(path) -> tuple:
+    """What a reader sees: the rows, and the commit messages."""
+    import deeplake
+
+    ds = deeplake.open_read_only(str(path))
+    return (tuple(ds["text"][:]) if len(ds) else (),
+            tuple(v.message for v in ds.history))
+
+
+@pytest.mark.slow
+def test_sigkill_during_append_leaves_the_previous_or_the_new_commit(tmp_path):
+    """`data ingest --append` killed at several points (reading the file; from its first write
+    to the dataset until it exits) leaves the dataset at its previous commit or at the new
+    one, never between, and appendable."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmctl.data import append_records
+    from tests.conftest import REPO
+
+    base = tmp_path / "base"
+    write_dataset(str(base), [{"text": f"row {i}"} for i in range(50)], "first")
+    more = tmp_path / "more.jsonl"  # large enough that writing and committing take a while
+    more.write_text("".join(json.dumps({"text": f"new row {i}"}) + "\n" for i in range(100_000)))
+    before = _dataset_state(base)
+
+    def files(root):
+        return {os.path.join(d, f) for d, _, names in os.walk(root) for f in names}
+
+    def append(name: str, kill_at=None) -> tuple:
+        """Append in a new process; SIGKILL it kill_at(seconds since the dataset's first
+        change, or None before one) = True. (state, exit code, first change, end) in seconds
+        since start."""
+        ds = tmp_path / name
+        shutil.copytree(base, ds)
+        old_files = files(ds)
+        proc = subprocess.Popen([sys.executable, "-m", "llmctl", "data", "ingest", str(more),
+                                 "--to", str(ds), "--append", "-m", "more"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        t0, changed = time.time(), None
+        while proc.poll() is None:
+            now = time.time() - t0
+            if changed is None and files(ds) != old_files:
+                changed = now
+            if kill_at is not None and kill_at(now, changed):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait()
+        return _dataset_state(ds), proc.returncode, changed, time.time() - t0
+
+    after, code, first_write, end = append("whole")
+    assert code == 0 and len(after[0]) == 100_050 and after[1] == (*before[1], "more")
+    assert first_write is not None
+    window = end - first_write
+    points = [("reading", lambda now, changed: now >= first_write / 2)]
+    points += [(f"{f:.0%} of writing", lambda now, changed, f=f: changed is not None
+                and now >= changed + f * window) for f in (0.0, 0.02, 0.05, 0.1, 0.25)]
+    outcomes = []
+    for label, kill_at in points:
+        state, code, _, _ = append(label.replace(" ", "-").replace("%", ""), kill_at)
+        assert state in (before, after), (label, code, len(state[0]), state[1])
+        outcomes.append((label, code, "new" if state == after else "previous"))
+    # The kills landed while it worked, not all after it had finished; both outcomes occur.
+    assert sum(code == -signal.SIGKILL for _, code, _ in outcomes) >= 4, outcomes
+    assert {"new", "previous"} <= {state for *_, state in outcomes}, outcomes
+    # A killed append leaves the dataset appendable: the next one commits on top.
+    ds = tmp_path / "reading"
+    append_records(str(ds), [{"text": "last"}], "last")
+    assert _dataset_state(ds)[1] == (*before[1], "last"), outcomes
+    print(outcomes)

@@ -85,6 +85,7 @@ data = "corpus"
     (bad / "rows_latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     (bad / "rows_bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (bad / "rows.jsonl").write_text('{"text": "a"}\n')
+    (bad / "loop").symlink_to(bad / "loop")
     (bad / "empty_tokenizer").mkdir()
     truncated = bad / "truncated_model"
     shutil.copytree(pretrained_model, truncated)
@@ -186,6 +187,25 @@ def _cases():
                                     "{root}/bad/model_dir", "--overwrite"],
          "model_dir: exists and is not a Deep Lake dataset"),
         ("show-missing", ["data", "show", "{root}/no-dataset"], "{root}/no-dataset does not exist"),
+        # Found by tests/test_fuzz.py (each was exit 1):
+        ("run-dir-is-a-file", ["pretrain", r, "--set", "run.dir=\"{root}/bad/rows.jsonl\""],
+         "run.dir: {root}/bad/rows.jsonl exists and is not a directory"),
+        ("run-dir-symlink-loop", ["pretrain", r, "--set", "run.dir=\"{root}/bad/loop\""],
+         "run.dir: {root}/bad/loop is a broken or looping symlink"),
+        ("model-symlink-loop", gen + ["--set", "generate.model=\"{root}/bad/loop\""],
+         "generate.model: {root}/bad/loop does not exist"),
+        ("path-name-too-long", ["pretrain", r, "--set",
+                                f"data.corpus.eval_path=\"{{root}}/{'x' * 300}\""],
+         "data.corpus.eval_path: dataset {root}/xxx"),
+        ("task-path-name-too-long", ["bench", r, "--set", f"bench.task_path=\"{'x' * 300}\"",
+                                     "--run-dir", "{root}/run2"], "bench.task_path: xxx"),
+        ("bench-models-empty-name", ["bench", r, "--set", "bench.models=[\"\"]", "--run-dir",
+                                     "{root}/run2"], "bench.models.0:"),
+        ("template-not-a-format", ["pretrain", r, "--set", "data.corpus.template=\"{{\""],
+         "data.corpus.template: not a format string"),
+        ("sft-prompts-fill-seq-len", ["sft", r, "--set", "sft.seq_len=2", "--set",
+                                      "sft.packing=false", "--set", "sft.completion_only_loss=true"],
+         "sft.seq_len: every data.sentiment training row's prompt fills 2 tokens"),
     ]
 
 
@@ -193,7 +213,9 @@ def _cases():
 DRY_RUN = {"data-no-table", "scheduler", "config-unknown-field", "dataset-missing",
            "tokenizer-missing", "quantize-method", "quantize-bnb-cpu", "upstream-nobody-makes",
            "upstream-not-run", "ppo-reward-text-field", "ppo-reward-text-no-response",
-           "stage-dir-not-ours", "bench-unknown-task", "negative-lr"}
+           "stage-dir-not-ours", "bench-unknown-task", "negative-lr", "run-dir-is-a-file",
+           "run-dir-symlink-loop", "path-name-too-long", "task-path-name-too-long",
+           "bench-models-empty-name", "template-not-a-format"}
 
 
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
