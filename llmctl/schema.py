@@ -577,6 +577,15 @@ class BnbQuantize(QuantizeCommon):
     bits: Literal[4, 8] = Field(4, description="weight bits: 8-bit, or 4-bit NF4")
 
 
+class GgufQuantize(QuantizeCommon):
+    """One GGUF file for llama.cpp and Ollama (llama and qwen2 models)."""
+
+    backend: Literal["gguf"] = Field(..., description="the quantization backend")
+    method: Literal["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "bf16", "f16"] = Field(
+        "q8_0", description="llama.cpp's weight type: q8_0 (8.5 bits per weight), q5_1, q5_0, "
+        "q4_1, q4_0 (4.5), or bf16 / f16; the trials go on toward more bits")
+
+
 def _quantize_backend(raw: Any) -> str:
     return raw.get("backend", "inc") if isinstance(raw, dict) else raw.backend
 
@@ -593,9 +602,10 @@ def union_tag(key: str | int, table: dict[str, Any]) -> str | None:
 # method another backend owns is an error at load time and in --dry-run.
 QuantizeConfig = Annotated[
     Union[Annotated[IncQuantize, Tag("inc")], Annotated[TorchQuantize, Tag("torch")],
-          Annotated[OpenVinoQuantize, Tag("openvino")], Annotated[BnbQuantize, Tag("bnb")]],
+          Annotated[OpenVinoQuantize, Tag("openvino")], Annotated[BnbQuantize, Tag("bnb")],
+          Annotated[GgufQuantize, Tag("gguf")]],
     Discriminator(_quantize_backend, custom_error_type="unknown_backend",
-                  custom_error_message="backends: inc, torch, openvino, bnb")]
+                  custom_error_message="backends: inc, torch, openvino, bnb, gguf")]
 INC_INT8_HINT = ("; neural-compressor 3.x runs dynamic/static INT8 through a PT2E graph export "
                  "that cannot drive generate(): use backend = \"torch\", method = \"dynamic\" or "
                  "backend = \"openvino\", method = \"static\"")

@@ -12,6 +12,9 @@ One module per backend (``quantize.backend``), each a :class:`Backend`:
   compression (INT8, or INT4 with a group size and a share of INT4 layers) or ``static`` INT8
   (weights and activations, calibrated, SmoothQuant first).
 - ``bnb`` (:mod:`.bnb`): bitsandbytes 8/4-bit through transformers, CUDA only.
+- ``gguf`` (:mod:`.gguf_export`): one GGUF file for llama.cpp and Ollama (f16, bf16, q8_0,
+  q5_1, q5_0, q4_1, q4_0), each trial scored after reading the file back through llmctl's
+  GGUF import.
 
 Which methods and bits each backend takes is checked when the recipe loads
 (``schema.QuantizeConfig``). A quantized model directory holds ``quantization.json`` (backend
@@ -32,7 +35,7 @@ from llmctl.quantization.common import Calibration, decline_openvino_telemetry
 
 MARKER = "quantization.json"
 CALIBRATED_METHODS = ("gptq", "awq", "static")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 __all__ = ["MARKER", "CALIBRATED_METHODS", "Backend", "Calibration", "check_supported",
            "decline_openvino_telemetry", "is_quantized_dir", "load", "quantize", "save",
@@ -60,10 +63,10 @@ class Backend(Protocol):
 
 
 def backend(name: str) -> Backend:
-    from llmctl.quantization import bnb, inc, openvino, torch_dynamic
+    from llmctl.quantization import bnb, gguf_export, inc, openvino, torch_dynamic
 
     backends = {"torch": torch_dynamic.TorchDynamic(), "inc": inc.Inc(),
-                "openvino": openvino.OpenVino(), "bnb": bnb.Bnb()}
+                "openvino": openvino.OpenVino(), "bnb": bnb.Bnb(), "gguf": gguf_export.Gguf()}
     if name not in backends:
         raise UserError(f"quantize.backend: unknown backend {name!r} "
                         f"(backends: {', '.join(backends)})")
@@ -117,7 +120,7 @@ def load(path: str | Path):
 
 
 def weight_bytes(path: str | Path) -> int:
-    """Bytes of weight files in a model directory (safetensors, OpenVINO .bin)."""
+    """Bytes of weight files in a model directory (safetensors, OpenVINO .bin, GGUF)."""
     return sum(f.stat().st_size for f in Path(path).iterdir()
                if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 

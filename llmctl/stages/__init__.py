@@ -235,7 +235,7 @@ REGISTRY: tuple[StageSpec, ...] = (
               trains=True, reads_data=True, check=_check_ppo,
               summary=("reward_mean_before", "reward_mean_after", "reward_gain",
                        "reward_gain_sem", "kl_last")),
-    StageSpec("quantize", "Quantize a model (neural-compressor, OpenVINO, bitsandbytes).",
+    StageSpec("quantize", "Quantize a model (neural-compressor, OpenVINO, bitsandbytes, GGUF).",
               schema.QuantizeConfig, _quantize_inputs, model_output=lambda cfg: "model",
               feeds_training=False, check=_check_quantize,
               summary=("size_bytes_before", "size_bytes_after", "metric_before", "metric_after",

@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> dict:
     score, metric_name, higher_is_better = metric_function(recipe, cfg, tokenizer)
     calibration = calibration_blocks(recipe, cfg, tokenizer)
     trials = quantization.trial_settings(cfg, model)
-    stage_header("quantize", f"{cfg.backend} {cfg.method} {cfg.bits}-bit on {inputs['model']}: "
+    stage_header("quantize", f"{describe(cfg.settings())} on {inputs['model']}: "
                              f"{metric_name} within {cfg.tolerable_loss:.1%}, "
                              f"at most {len(trials)} trial(s)")
 
@@ -146,8 +146,10 @@ def relative_loss(before: float, after: float, higher_is_better: bool) -> float:
 
 
 def describe(settings: dict) -> str:
-    parts = [settings["backend"], settings["method"], f"{settings['bits']}-bit"]
-    if settings["backend"] in ("inc", "openvino") and settings["bits"] == 4:
+    parts = [settings["backend"], settings["method"]]
+    if "bits" in settings:  # gguf's methods name their bits
+        parts.append(f"{settings['bits']}-bit")
+    if settings["backend"] in ("inc", "openvino") and settings.get("bits") == 4:
         parts.append(f"group {settings['group_size']}")
     if "ratio" in settings:
         parts.append(f"ratio {settings['ratio']}")
