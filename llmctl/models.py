@@ -36,6 +36,7 @@ from llmctl.fingerprint import model_fingerprint
 from llmctl.gguf import is_gguf, read_metadata
 from llmctl.paths import demo_hint, looks_local
 from llmctl.quantization import is_quantized_dir, load as load_quantized
+from llmctl.quantization.llamacpp import is_gguf_output, require as require_llamacpp
 from llmctl.rundir import BASE_FINGERPRINT
 from llmctl.schema import LoraConfig, ModelConfig
 
@@ -191,6 +192,8 @@ def check_loadable(path: str, model_cfg: ModelConfig | None, key: str,
         read_metadata(path, key)
         return
     if is_quantized_dir(path) or not Path(path).is_dir():
+        if is_gguf_output(path):
+            require_llamacpp(path, key)
         if looks_local(path) and not Path(path).exists():
             raise UserError(f"{key}: {path} does not exist{demo_hint(path)}")
         return

@@ -190,6 +190,12 @@ def _check_quantize(recipe: "Recipe", cfg: schema.QuantizeConfig) -> None:
 
 def _check_bench(recipe: "Recipe", cfg: schema.BenchConfig) -> None:
     from llmctl.evaluation import check_tasks
+    from llmctl.quantization.llamacpp import is_gguf_output, require
+
+    gguf_quantize = recipe.quantize is not None and recipe.quantize.backend == "gguf"
+    for label, path in recipe.bench_models().items():  # llama.cpp runs a GGUF quantize output
+        if is_gguf_output(path) or (label == "quantize" and gguf_quantize):
+            require(path, "bench.models")
 
     if cfg.tasks:
         check_tasks(cfg.tasks, cfg.task_path, "bench.tasks")
