@@ -10,6 +10,7 @@ and serve end to end.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -79,7 +80,7 @@ def test_without_the_extra_generate_bench_and_serve_are_exit_2_naming_it(
 # -- with the extra ---------------------------------------------------------------------------
 
 needs_extra = pytest.mark.skipif(
-    not __import__("llmctl.quantization.llamacpp", fromlist=["available"]).available(),
+    importlib.util.find_spec("llama_cpp") is None,
     reason=EXTRA_MISSING)
 
 
@@ -105,6 +106,21 @@ def test_llama_cpp_decodes_the_file_as_transformers_decodes_the_weights(f16_outp
     got = runtime(input_ids=ids).logits
     assert got.shape == want.shape
     assert (got - want).abs().max() < 1e-2 * (want.max() - want.min())
+
+
+@needs_extra
+def test_lm_eval_scores_the_file_as_it_scores_the_weights(f16_output, tmp_path):
+    """bench's lm-eval path (the harness's HFLM over the llama.cpp model): the same per-task
+    accuracy as the transformers model at f16, on a local multiple-choice task."""
+    from llmctl.evaluation import lm_eval_tasks, write_choice_task
+    from llmctl.models import load_causal_lm
+
+    folder, model, tokenizer = f16_output
+    rows = [{"text": t, "label": ["yes", "no"][i % 2]} for i, t in enumerate(TINY_TEXTS[:12])]
+    write_choice_task(tmp_path, "tiny_choice", rows, "{{text}} Answer:", "label", ["yes", "no"])
+    scores = [lm_eval_tasks(m, tokenizer, ["tiny_choice"], str(tmp_path), batch_size=4)
+              ["tiny_choice"] for m in (model, load_causal_lm(str(folder)))]
+    assert scores[0]["acc"] == scores[1]["acc"] and scores[0]["acc_norm"] == scores[1]["acc_norm"]
 
 
 @needs_extra

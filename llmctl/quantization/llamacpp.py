@@ -46,6 +46,12 @@ def is_gguf_output(path: str | Path) -> bool:
 
 
 def available() -> bool:
+    # OpenMP threads that sleep at a barrier instead of spinning, unless the environment says
+    # otherwise (read once, when llama.cpp's libgomp loads). Spinning threads starve each other
+    # when the machine has more runnable threads than cores: on the 2-core AMX Xeon at load
+    # average 14, 2 threads took over 300 s for 16 tokens of SmolLM2-135M spinning and 3.7 s
+    # sleeping.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -93,6 +99,7 @@ class LlamaCppModel:
         self.name_or_path = str(self.path)
 
     def _context(self, logits_all: bool):
+        available()  # its OpenMP setting first
         from llama_cpp import Llama
 
         meta = read_metadata(self.path)
