@@ -109,16 +109,16 @@ def weight_counts(shape: str) -> tuple[int, int, int]:
 
 def held_bytes(variant: str, counts: tuple[int, int, int]) -> tuple[float, float]:
     """(bytes a built variant holds, extra bytes while it is built): an estimate from its
-    bytes per weight. Decoder weights and the head at the variant's width, the rest (the
-    embeddings) fp32; an OpenVINO variant twice (the model and its compiled copy, or for
+    bytes per weight. An eager copy wholly in its dtype; otherwise decoder weights and the head
+    at the variant's width, the rest (the embeddings) fp32; an OpenVINO variant twice (the model and its compiled copy, or for
     genai the reopened model and openvino-genai's pipeline). Building copies the fp32 model
     (torch, INC) or exports it from disk (OpenVINO: a loaded copy and the traced graph)."""
     layers, head, total = counts
     spec, layer_bytes, head_bytes = VARIANTS[variant]
     weights = layers * layer_bytes + head * head_bytes + (total - layers - head) * 4.0
     fp32 = total * 4.0
-    if isinstance(spec, torch.dtype):
-        return (0.0 if spec == torch.float32 else weights), 0.0  # fp32 eager: the model itself
+    if isinstance(spec, torch.dtype):  # a whole copy in that dtype; fp32 eager is the model
+        return (0.0 if spec == torch.float32 else total * spec.itemsize), 0.0
     if spec["backend"] == "openvino":
         return 2 * weights, 2 * fp32
     return weights, fp32

@@ -72,11 +72,12 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def prepare(model: str, workdir: Path) -> dict[str, Path]:
+def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
     """Each variant built once with llmctl's quantize backends (kept in ``workdir``)."""
     out = {}
     source = None
-    for name, settings in VARIANTS.items():
+    for name in names:
+        settings = VARIANTS[name]
         folder = workdir / name.replace(" ", "-")
         if not (folder / quantization.MARKER).is_file():
             if source is None:
@@ -223,6 +224,13 @@ def serving(paths: dict[str, Path], clients: list[int], max_tokens: int, rounds:
 
 
 def print_tables(b1: dict, served: dict, tokens: list[int], clients: list[int]) -> None:
+    if b1:
+        print_batch1(b1, tokens)
+    if served:
+        print_serving(served, clients)
+
+
+def print_batch1(b1: dict, tokens: list[int]) -> None:
     print(f"\nbatch 1, greedy, 32-token prompt (load averages {b1['load_averages']}):")
     print("| runtime | " + " | ".join(f"tok/s {n}" for n in tokens) + " | first token (ms) |")
     print("|---|" + "---:|" * (len(tokens) + 1))
@@ -230,12 +238,15 @@ def print_tables(b1: dict, served: dict, tokens: list[int], clients: list[int]) 
         print(f"| {name} | " + " | ".join(f"{r[f'tokens_per_second_{n}']:.1f}" for n in tokens)
               + f" | {r['ttft_seconds'] * 1000:.0f} |")
     for ours, theirs in PAIRS:
+        if ours not in b1["results"] or theirs not in b1["results"]:
+            continue
         a, b = b1["results"][ours], b1["results"][theirs]
         print(f"  {ours} / {theirs}: " + ", ".join(
             f"{a[f'tokens_per_second_{n}'] / b[f'tokens_per_second_{n}']:.2f}x tok/s at {n}"
             for n in tokens) + f", first token {b['ttft_seconds'] / a['ttft_seconds']:.2f}x")
-    if not served:
-        return
+
+
+def print_serving(served: dict, clients: list[int]) -> None:
     print(f"\nserving, streaming clients (load averages {served['load_averages']}):")
     print("| server | clients | aggregate tok/s | p50 latency (s) | p95 latency (s) | "
           "p50 first text (s) | lost |")
@@ -263,7 +274,7 @@ def main() -> None:
     parser.add_argument("--serve-tokens", type=int, default=64,
                         help="max_tokens of each served request")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--no-serve", action="store_true", help="batch 1 only")
+    parser.add_argument("--only", choices=["batch1", "serve"], help="one of the two parts")
     parser.add_argument("--server-path", help="a directory with llama_cpp.server's own "
                                               "packages, added to its PYTHONPATH only")
     parser.add_argument("--json", help="also write the results here")
@@ -277,12 +288,12 @@ def main() -> None:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load_average()}")
-        paths = {name: path for name, path in prepare(args.model, workdir).items()
-                 if name in args.variants}
-        print(f"batch 1, greedy, forced {args.tokens} tokens, median of {args.rounds}:")
-        b1 = batch1(paths, args.tokens, args.rounds)
-        served = {}
-        if not args.no_serve:
+        paths = prepare(args.model, workdir, args.variants)
+        b1, served = {}, {}
+        if args.only != "serve":
+            print(f"batch 1, greedy, forced {args.tokens} tokens, median of {args.rounds}:")
+            b1 = batch1(paths, args.tokens, args.rounds)
+        if args.only != "batch1":
             print(f"serving: {args.clients} streaming clients, {args.serve_tokens} tokens each, "
                   f"median of {args.rounds}:")
             served = serving(paths, args.clients, args.serve_tokens, args.rounds,
