@@ -14,7 +14,7 @@ EXTRAS ?= dev,openvino,wandb,serve
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-fast real bench clean constraints
+.PHONY: install install-llamacpp demo test test-fast real bench clean constraints
 
 install: $(BIN)/.installed
 
@@ -31,6 +31,20 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
 		&& $(BIN)/pip uninstall -q -y torchvision || true
 	touch $@
+
+# llama.cpp (the llamacpp extra: llama-cpp-python, a source distribution; about 25 minutes on a
+# loaded 2-core AMX Xeon, 8 on a quiet one). Built for the instruction sets /proc/cpuinfo lists,
+# never natively: on an AMX Xeon the native build died with an illegal instruction on first use,
+# and a build with AMX on crashed. AVX-512 (and its VNNI, BF16 parts) only where the CPU has
+# them, so an AVX2-only machine (an EPYC) builds with AVX2. A wheel so built runs only on CPUs
+# with the same sets. Override with LLAMACPP_CMAKE_ARGS="...".
+cpu_has = $(if $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo y),ON,OFF)
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
+install-llamacpp: install
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip install $(PIP_CONSTRAINTS) \
+		--no-binary llama-cpp-python -e ".[llamacpp]" "$(TORCH)"
 
 # After changing a dependency, in a fresh venv: rm -rf .venv; make install CONSTRAINTS=; make constraints
 constraints:

@@ -104,6 +104,9 @@ def latency_rows(model, tokenizer, prompt_tokens: int, new_tokens: int, batch_si
     rows = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for beams in num_beams:
+        if beams > 1 and not getattr(model, "supports_beam_search", True):
+            print(f"    (no {mode_name(beams)} timing: this runtime has no beam search)")
+            continue
         for batch in batch_sizes:
             ids = prompt_ids(tokenizer, prompt_tokens, batch)
             timing = time_generation(model, ids, new_tokens, beams, runs, pad)

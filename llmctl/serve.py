@@ -5,7 +5,8 @@
 ``stop``, ``n``, ``seed`` and ``stream`` (server-sent events). One worker thread owns the model;
 requests that are waiting decode together: an OpenVINO model through openvino-genai's
 continuous batching, any other through transformers' ``generate`` on a batch of the requests
-that decode alike. The server holds a bounded number of requests (decoding or waiting): past
+that decode alike; a GGUF quantize output runs through llama.cpp, one request at a
+time. The server holds a bounded number of requests (decoding or waiting): past
 it a new one is 429 with ``Retry-After``; a client that hangs up frees its place at once; the
 first SIGTERM drains (new requests 503, held ones finish, then exit 0). Bad requests are 4xx
 with OpenAI's JSON error body. Listens on 127.0.0.1 unless told otherwise; with
@@ -522,6 +523,66 @@ class GenaiDecode:
         self.job.done.set_result(choices)
 
 
+class LlamaCppEngine(Engine):
+    """A GGUF quantize output under llama.cpp (:mod:`llmctl.quantization.llamacpp`).
+    llama-cpp-python's ``Llama`` decodes one sequence at a time, so requests are answered in
+    the order they came, each streamed token by token as it is decoded (its own server holds
+    a lock around the model the same way)."""
+
+    kind = "llama.cpp, one sequence at a time"
+
+    def __init__(self, model, tokenizer, name: str, max_batch: int):
+        from llmctl.models import max_positions
+
+        self.model = model
+        super().__init__(tokenizer, name, max_positions(model), 1)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():
+                job.done.cancel()
+                continue
+            try:
+                s = job.sampling
+                decoded = [self._decode(job, c) for c in range(s.n if s.temperature > 0 else 1)]
+            except Exception as err:  # noqa: BLE001 - reported to that request
+                job.done.set_exception(err)
+                continue
+            if job.cancelled.is_set():
+                job.done.cancel()
+            else:  # greedy: the one sequence is every choice (and streamed to every one)
+                job.done.set_result(decoded if len(decoded) == job.sampling.n
+                                    else decoded * job.sampling.n)
+
+    def _decode(self, job: Job, choice: int) -> Choice:
+        self._counted(1)
+        s = job.sampling
+        to = [choice] if s.temperature > 0 else list(range(s.n))
+        streamer = StopAwareStreamer(self.tokenizer, job.stops, lambda text: [
+            job.on_text(c, text) for c in to]) if job.on_text else None
+        sample = {}
+        if s.temperature > 0:  # without a seed each request draws anew
+            sample = dict(temperature=s.temperature, top_p=s.top_p, seed=s.seed + choice
+                          if s.seed is not None else random.getrandbits(31))
+        ids, stopped = [], False
+        for token in self.model.stream(job.input_ids[0].tolist(), job.max_tokens,
+                                       eos_token_id=self.tokenizer.eos_token_id, **sample):
+            ids.append(token)
+            if streamer is not None:
+                streamer.feed([token])
+            if job.cancelled.is_set():
+                break
+            if job.stops and (streamer.stopped if streamer is not None else any(
+                    stop in self.tokenizer.decode(ids, skip_special_tokens=True)
+                    for stop in job.stops)):
+                stopped = True
+                break
+        if streamer is not None:
+            streamer.end()
+        return self.choice(ids, job.stops, stopped)
+
+
 class StopAwareStreamer:
     """Streamed text for one sequence, as tokens come (``feed``; or transformers' streamer
     protocol, ``put``/``end``): passes on decoded text as it grows, holding back a tail that
@@ -941,10 +1002,11 @@ def read_api_key() -> str | None:
 def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16,
           max_queue: int = MAX_QUEUE, max_body: int = MAX_BODY_BYTES) -> None:
     from llmctl.models import check_loadable, device, load_tokenizer, model_dir
-    from llmctl.quantization import load_model, runtime
+    from llmctl.quantization import check_runtime, load_model, runtime
 
     path, name = resolve_model(recipe, model)
     check_loadable(path, recipe.model, "--model")
+    check_runtime(path, "--model")
     api_key = read_api_key()
     sock = bind(host, port)
     tokenizer = load_tokenizer(path, recipe.model, padding_side="left")
@@ -952,8 +1014,9 @@ def serve(recipe, model: str | None, host: str, port: int, max_batch: int = 16,
     if runtime(directory) == "openvino-genai":
         engine: Engine = GenaiEngine(directory, tokenizer, name, max_batch)
     else:
-        engine = TransformersEngine(load_model(path, recipe.model).to(device()).eval(),
-                                    tokenizer, name, max_batch)
+        loaded = load_model(path, recipe.model).to(device()).eval()
+        engine = (LlamaCppEngine if runtime(directory) == "llama.cpp" else TransformersEngine)(
+            loaded, tokenizer, name, max_batch)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"serving {name} ({path}) at http://{shown}:{bound_port}/v1 ({engine.kind}, up to "

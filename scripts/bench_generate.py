@@ -18,7 +18,10 @@ bandwidth / weight bytes read per token, and relative quality loss (target: with
     python scripts/bench_generate.py [--shape opt-125m|opt-1.3b] [--tokens 256] [--rounds 3]
         [--prompt-tokens 512] [--variants ...] [--no-quality] [--demo-run-dir runs/demo]
 
-At the 1.3B shape each fp32 copy is 5.3 GB: pick a few --variants on a 24 GB machine.
+Every variant is held in memory at once (the rounds interleave them). Before building, the
+script estimates what the chosen variants hold and refuses (exit 2, with the estimate) when it
+exceeds the memory available; at the 1.3B shape, where an fp32 copy is 5.3 GB, the default is
+the four variants llmctl recommends (DEFAULT_1_3B), which fit a 24 GB machine.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import atexit
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,12 +81,78 @@ VARIANTS.update({name + GENAI: VARIANTS[name]
                               "openvino int4 g128", "openvino int4 channel")})
 
 
+# The default at the OPT-1.3B shape: the baseline and llmctl's CPU paths (all 15 variants hold
+# about 39 GB there; the kernel killed that run on a 24 GB machine after 7 of them).
+DEFAULT_1_3B = ["fp32 eager", "torch dynamic int8", "openvino int8 genai",
+                "openvino int4 g128 genai"]
+
+
 # The models the course measures, by their Hugging Face configs (facebook/opt-125m, opt-1.3b).
 SHAPES = {
     "opt-125m": {},
     "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
                  "num_attention_heads": 32, "word_embed_proj_dim": 2048},
 }
+
+
+def weight_counts(shape: str) -> tuple[int, int, int]:
+    """(decoder Linear weights, output projection weights, all parameters) of a shape, counted
+    on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = OPTForCausalLM(OPTConfig(**SHAPES[shape]))
+    layers = sum(m.weight.numel() for m in model.model.decoder.layers.modules()
+                 if isinstance(m, torch.nn.Linear))
+    head = model.lm_head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    return layers, head, total
+
+
+def held_bytes(variant: str, counts: tuple[int, int, int]) -> tuple[float, float]:
+    """(bytes a built variant holds, extra bytes while it is built): an estimate from its
+    bytes per weight. An eager copy wholly in its dtype; otherwise decoder weights and the head
+    at the variant's width, the rest (the embeddings) fp32; an OpenVINO variant twice (the model and its compiled copy, or for
+    genai the reopened model and openvino-genai's pipeline). Building copies the fp32 model
+    (torch, INC) or exports it from disk (OpenVINO: a loaded copy and the traced graph)."""
+    layers, head, total = counts
+    spec, layer_bytes, head_bytes = VARIANTS[variant]
+    weights = layers * layer_bytes + head * head_bytes + (total - layers - head) * 4.0
+    fp32 = total * 4.0
+    if isinstance(spec, torch.dtype):  # a whole copy in that dtype; fp32 eager is the model
+        return (0.0 if spec == torch.float32 else total * spec.itemsize), 0.0
+    if spec["backend"] == "openvino":
+        return 2 * weights, 2 * fp32
+    return weights, fp32
+
+
+def memory_estimate(variants: list[str], shape: str) -> float:
+    """Peak bytes of a run: the fp32 model and the variants built so far, plus what the next
+    build takes while it runs; at the end every variant is held (the rounds interleave them)."""
+    counts = weight_counts(shape)
+    held = peak = counts[2] * 4.0
+    for variant in variants:
+        holds, building = held_bytes(variant, counts)
+        peak = max(peak, held + building)
+        held += holds
+    return max(peak, held)
+
+
+def available_memory() -> float:
+    """Bytes the kernel says a new allocation can get (MemAvailable), else all of RAM."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return float(info.get("MemAvailable", info["MemTotal"]))
+
+
+def check_memory(variants: list[str], shape: str, available: float) -> None:
+    """Exit 2 with the estimate when the variants would not fit (a benchmark killed by the
+    out-of-memory killer after minutes of building says nothing)."""
+    need = memory_estimate(variants, shape)
+    if need > available:
+        print(f"error: --variants: {len(variants)} variants at the {shape} shape hold about "
+              f"{need / 2**30:.1f} GiB at once, {available / 2**30:.1f} GiB is available; "
+              f"choose fewer (the default at opt-1.3b: {', '.join(DEFAULT_1_3B)})",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def read_bandwidth(gib: float = 1.0, trials: int = 7) -> float:
@@ -228,11 +298,15 @@ def main() -> None:
                         help="speed only (skip the demo model's quality loss)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--demo-run-dir", default="runs/demo")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="default: all at opt-125m, DEFAULT_1_3B at opt-1.3b")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.variants is None:
+        args.variants = DEFAULT_1_3B[:] if args.shape == "opt-1.3b" else list(VARIANTS)
     if "fp32 eager" not in args.variants:
         args.variants.insert(0, "fp32 eager")
+    check_memory(args.variants, args.shape, available_memory())
 
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)

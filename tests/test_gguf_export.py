@@ -247,7 +247,7 @@ def test_ladder_stops_at_the_first_method_within_the_bound(pretrained_llama, ass
                                                             capsys):
     """The bound rejects q4_0 and accepts a gentler method: the ladder stops there."""
     from llmctl.models import load_causal_lm, load_tokenizer
-    from llmctl.quantization import load_model
+    from llmctl.quantization.gguf_export import read_back
 
     recipe = gguf_recipe(tmp_path, assets, pretrained_llama,
                          f'method = "q4_0"\ndata = "corpus"\nseq_len = 64\n'
@@ -267,8 +267,9 @@ def test_ladder_stops_at_the_first_method_within_the_bound(pretrained_llama, ass
     saved = json.loads((stage / "model" / "quantization.json").read_text())
     assert saved == {"backend": "gguf", "method": methods[-1]}
     assert (stage / "model" / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
-    # generate, bench and serve load it through llmctl's GGUF import: what the trial scored
-    reloaded = load_model(str(stage / "model"))
+    # what the trial scored: the file read back through llmctl's GGUF import (generate, bench
+    # and serve run it through llama.cpp: tests/test_llamacpp.py)
+    reloaded = read_back(stage / "model" / "model.gguf", tmp_path / "read-back")
     original = load_causal_lm(str(pretrained_llama))
     assert 0 < max_logit_diff(reloaded, original, load_tokenizer(str(pretrained_llama)))
     import gc

@@ -59,7 +59,7 @@ QuantizeConfig = Annotated[
 SUMMARY = f"Quantize a model ({', '.join(b.label for b in BACKENDS.values())})."
 
 __all__ = ["BACKENDS", "MARKER", "Calibration", "QuantizeBackend", "QuantizeConfig", "SUMMARY",
-           "backend", "calibrates", "check_supported", "decline_openvino_telemetry", "describe",
+           "backend", "calibrates", "check_runtime", "check_supported", "decline_openvino_telemetry", "describe",
            "is_quantized_dir", "load", "load_model", "native_generate", "quantize", "runtime",
            "save", "tensor_bytes", "trial_settings", "weight_bytes"]
 
@@ -142,6 +142,15 @@ def runtime(path: str | Path) -> str | None:
     settings = json.loads((Path(path) / MARKER).read_text())
     chosen = BACKENDS.get(settings.get("backend"))
     return chosen.runtime if chosen and chosen.runtime_ready(Path(path)) else None
+
+
+def check_runtime(path: str, key: str) -> None:
+    """Exit 2, before any work, when a quantize output's runtime is not installed here
+    (llama.cpp for a GGUF output: the ``llamacpp`` extra)."""
+    if is_quantized_dir(path):
+        settings = json.loads((Path(path) / MARKER).read_text())
+        if settings.get("backend") in BACKENDS:
+            BACKENDS[settings["backend"]].check_runtime(path, key)
 
 
 def native_generate(model, input_ids: "torch.Tensor", config) -> list[list[int]] | None:

@@ -30,7 +30,7 @@ class QuantizeBackend:
     label: ClassVar[str]  # the library, as the quantize command's help names it
     calibrated: ClassVar[tuple[str, ...]] = ()  # methods that need calibration data
     # What generate, bench and serve run its output with, when not transformers' generate():
-    # "openvino-genai" (its C++ decoding loop, continuous batching in serve).
+    # "openvino-genai" (its C++ decoding loop, continuous batching in serve), "llama.cpp".
     runtime: ClassVar[str | None] = None
 
     def check(self) -> None:
@@ -57,6 +57,10 @@ class QuantizeBackend:
     def load(self, path: Path, settings: dict[str, Any]):
         """The model :meth:`save` wrote, ready for ``generate`` and forward passes."""
         raise NotImplementedError
+
+    def check_runtime(self, path: str, key: str) -> None:
+        """Exit 2 when what runs this backend's output here is not installed (``key`` names
+        where the output was asked for)."""
 
     def runtime_ready(self, path: Path) -> bool:
         """Whether :attr:`runtime` can run this saved model here (installed, files complete)."""

@@ -9,8 +9,8 @@ projections (its converter's ``LlamaModel.permute``), the tokenizer (byte-level 
 Each trial is scored on what llama.cpp will run: the model is exported, read back through
 llmctl's own GGUF import (``llmctl.gguf``: the same dequantization as any other GGUF input) and
 scored there, so rounding, layout and tokenizer metadata are all in the measured figure (up to
-the kernels' own arithmetic). ``generate``, ``bench`` and ``serve`` load the output the same
-way (:func:`load_gguf`).
+the kernels' own arithmetic). ``generate``, ``bench`` and ``serve`` run the output through
+llama.cpp itself (:mod:`llmctl.quantization.llamacpp`, the ``llamacpp`` extra).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class GgufQuantize(QuantizeCommon):
 
 class Gguf(QuantizeBackend):
     name, table, label = "gguf", GgufQuantize, "GGUF"
+    runtime = "llama.cpp"  # generate, bench and serve run the file as llama.cpp and Ollama do
 
     def check(self) -> None:
         try:
@@ -104,21 +105,27 @@ class Gguf(QuantizeBackend):
         (out_dir / MODELFILE).write_text(modelfile(tokenizer, GGUF_FILE))
 
     def load(self, path: Path, settings: dict[str, Any]):
-        return load_gguf(Path(path) / GGUF_FILE)
+        """The file under llama.cpp, as llama.cpp and Ollama run it (exit 2 without the
+        ``llamacpp`` extra)."""
+        from llmctl.quantization import llamacpp
+
+        return llamacpp.load(Path(path) / GGUF_FILE)
+
+    def runtime_ready(self, path: Path) -> bool:
+        from llmctl.quantization import llamacpp
+
+        return llamacpp.available()
+
+    def check_runtime(self, path: str, key: str) -> None:
+        from llmctl.quantization import llamacpp
+
+        llamacpp.require(path, key)
 
     def describe(self, settings: dict[str, Any]) -> str:
         return f"gguf {settings['method']}"  # the method names its bits
 
 
 BACKEND = Gguf()
-
-
-def load_gguf(file: Path):
-    """The exported model for ``generate``, ``bench`` and ``serve``: llmctl's own GGUF import
-    (converted once into the GGUF cache, weights dequantized to fp32)."""
-    from llmctl.models import load_causal_lm
-
-    return load_causal_lm(str(file)).eval()
 
 
 def read_back(file: Path, out_dir: Path):

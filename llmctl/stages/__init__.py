@@ -205,8 +205,24 @@ def _check_quantize(recipe: "Recipe", cfg: quantization.QuantizeConfig) -> None:
         check_tasks([cfg.task], cfg.task_path, "quantize.task")
 
 
+def _check_runtime(recipe: "Recipe", path: str, key: str) -> None:
+    """Exit 2 when what runs a quantize output (llama.cpp for a GGUF one) is not installed:
+    for one that exists, or one this recipe's quantize stage will make."""
+    if quantization.is_quantized_dir(path):
+        quantization.check_runtime(path, key)
+    elif recipe.quantize is not None and path == recipe.stage_model("quantize"):
+        quantization.backend(recipe.quantize.backend).check_runtime(path, key)
+
+
+def _check_generate(recipe: "Recipe", cfg: schema.GenerateConfig) -> None:
+    _check_runtime(recipe, _generate_inputs(recipe, cfg)["model"], "generate.model")
+
+
 def _check_bench(recipe: "Recipe", cfg: schema.BenchConfig) -> None:
     from llmctl.evaluation import check_tasks
+
+    for path in recipe.bench_models().values():
+        _check_runtime(recipe, path, "bench.models")
 
     if cfg.tasks:
         check_tasks(cfg.tasks, cfg.task_path, "bench.tasks")
@@ -266,7 +282,7 @@ REGISTRY: tuple[StageSpec, ...] = (
                        "quantize/demo_sentiment.acc", "perplexity", "quantize/perplexity",
                        "quantize/speedup_greedy_b1", "quantize/speedup_beam4_b1")),
     StageSpec("generate", "Generate text with any stage's model.",
-              schema.GenerateConfig, _generate_inputs, own_command=True,
+              schema.GenerateConfig, _generate_inputs, check=_check_generate, own_command=True,
               summary=("num_prompts", "tokens_per_second")),
 )
 
