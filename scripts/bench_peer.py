@@ -45,6 +45,7 @@ import httpx
 from llmctl import quantization
 from llmctl.latency import generate_seconds, prompt_ids
 from llmctl.models import load_causal_lm, load_tokenizer
+from llmctl.quantization import load_model
 
 # name -> llmctl quantize settings; pairs compared at comparable bits
 VARIANTS = {
@@ -94,7 +95,7 @@ def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
 
 def batch1(paths: dict[str, Path], tokens: list[int], rounds: int) -> dict:
     """Seconds for each forced length and for one token, every variant in each round."""
-    models = {name: load_causal_lm(str(path)) for name, path in paths.items()}
+    models = {name: load_model(str(path)) for name, path in paths.items()}
     tokenizer = load_tokenizer(str(next(iter(paths.values()))))
     ids = prompt_ids(tokenizer, 32, 1)
     pad = tokenizer.pad_token_id or 0
