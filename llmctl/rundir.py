@@ -167,6 +167,8 @@ def run_dir_lock(run_dir: Path, held_elsewhere: bool = False) -> Iterator[None]:
     created = [d for d in (Path(run_dir), *Path(run_dir).parents) if not d.exists()]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     lock_path = Path(run_dir) / LOCK
+    had_lock = lock_path.exists()
+    found = {p.name for p in Path(run_dir).iterdir()} - {LOCK}
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -191,11 +193,13 @@ def run_dir_lock(run_dir: Path, held_elsewhere: bool = False) -> Iterator[None]:
     finally:
         del _HELD[key]
         os.ftruncate(fd, 0)
-        # A command that failed before writing anything leaves no run directory behind.
-        if created and [p.name for p in Path(run_dir).iterdir()] == [LOCK]:
+        # A command that wrote nothing leaves the run directory as it found it: no lock file
+        # it did not find, and no directory it made.
+        if not had_lock and {p.name for p in Path(run_dir).iterdir()} - {LOCK} == found:
             lock_path.unlink()
-            for made in created:  # innermost first; each is empty once the one inside is gone
-                made.rmdir()
+            if created:
+                for made in created:  # innermost first; each is empty once the one inside is gone
+                    made.rmdir()
         os.close(fd)  # releases the flock
 
 

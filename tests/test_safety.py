@@ -203,6 +203,10 @@ def _cases():
                                      "{root}/run2"], "bench.models.0:"),
         ("template-not-a-format", ["pretrain", r, "--set", "data.corpus.template=\"{{\""],
          "data.corpus.template: not a format string"),
+        # an existing, empty run directory: the lock file it took goes too (found by the fuzz)
+        ("empty-run-dir-no-upstream", ["generate", r, "-p", "x", "--set", "generate.model=\"sft\"",
+                                       "--run-dir", "{root}/bad/empty_tokenizer"],
+         "generate.model: {root}/bad/empty_tokenizer/"),
         ("sft-prompts-fill-seq-len", ["sft", r, "--set", "sft.seq_len=2", "--set",
                                       "sft.packing=false", "--set", "sft.completion_only_loss=true"],
          "sft.seq_len: every data.sentiment training row's prompt fills 2 tokens"),
