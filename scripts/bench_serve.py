@@ -180,7 +180,9 @@ def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens:
     warm_at = min(60.0, seconds / 4)
     rss: list[tuple[float, int]] = []
     load_start = os.getloadavg()
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    # Daemon threads: a failure of this script's own (below) must not leave it waiting on them.
+    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True)
+               for c in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -188,13 +190,14 @@ def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens:
         rss.append((elapsed, rss_bytes(proc.pid)))
         time.sleep(min(1.0, max(seconds - elapsed, 0)))
     rss_end = rss_bytes(proc.pid)
-    state = httpx.get(health).json()
+    # A generous timeout: /health answers between tokens of 16 streams on 2 loaded cores.
+    state = httpx.get(health, timeout=60).json()
     load_end = os.getloadavg()
     answered_before = len(done)
     # The drain: SIGTERM with every client mid-request; a new request must get 503.
     proc.send_signal(signal.SIGTERM)
     sigterm.set()
-    probe = httpx.post(f"{url}/completions", json={"prompt": "Hi", "max_tokens": 2})
+    probe = httpx.post(f"{url}/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     stop.set()
     for t in threads:
         t.join()
