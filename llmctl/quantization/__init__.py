@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 from pydantic import Discriminator, Tag
 
 from llmctl.errors import UserError
-from llmctl.paths import QUANTIZED_MARKER, is_quantized_dir
+from llmctl.paths import QUANTIZED_MARKER, is_quantized_dir, read_json
 from llmctl.quantization import bnb, gguf_export, inc, openvino, torch_dynamic
 from llmctl.quantization.common import Calibration, QuantizeBackend, decline_openvino_telemetry
 from llmctl.schema import quantize_backend
@@ -124,7 +124,7 @@ def load_model(path: str, model_cfg=None):
 def load(path: str | Path):
     """A quantized model saved by :func:`save`."""
     path = Path(path)
-    settings = json.loads((path / MARKER).read_text())
+    settings = read_json(path / MARKER)
     try:
         chosen = backend(settings["backend"])
     except UserError:
@@ -137,20 +137,24 @@ def load(path: str | Path):
 def runtime(path: str | Path) -> str | None:
     """What runs a model directory when not transformers: its backend's runtime
     ("openvino-genai"), for a quantize stage's output whose runtime is installed."""
-    if not is_quantized_dir(path):
-        return None
-    settings = json.loads((Path(path) / MARKER).read_text())
-    chosen = BACKENDS.get(settings.get("backend"))
+    chosen = saved_backend(path)
     return chosen.runtime if chosen and chosen.runtime_ready(Path(path)) else None
 
 
 def check_runtime(path: str, key: str) -> None:
     """Exit 2, before any work, when a quantize output's runtime is not installed here
     (llama.cpp for a GGUF output: the ``llamacpp`` extra)."""
-    if is_quantized_dir(path):
-        settings = json.loads((Path(path) / MARKER).read_text())
-        if settings.get("backend") in BACKENDS:
-            BACKENDS[settings["backend"]].check_runtime(path, key)
+    chosen = saved_backend(path)
+    if chosen is not None:
+        chosen.check_runtime(path, key)
+
+
+def saved_backend(path: str | Path) -> QuantizeBackend | None:
+    """The backend that saved a quantize stage's output; None for any other directory (or a
+    backend this llmctl does not have: :func:`load` names it)."""
+    if not is_quantized_dir(path):
+        return None
+    return BACKENDS.get(read_json(Path(path) / MARKER).get("backend"))
 
 
 def native_generate(model, input_ids: "torch.Tensor", config) -> list[list[int]] | None:

@@ -17,7 +17,6 @@ and token counts are the same as for every other backend.
 
 from __future__ import annotations
 
-import json
 import os
 import types
 from pathlib import Path
@@ -34,15 +33,6 @@ EXTRA = ("pip install 'llmctl[llamacpp]' (llama-cpp-python, built from source: t
 # front: 4,096 positions of SmolLM2-135M are 94 MB of f16 KV cache, and its scoring context
 # 0.8 GB of f32 logits. The model's own limit applies when it is lower.
 MAX_CONTEXT = 4096
-
-
-def is_gguf_output(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF quantize output (its ``quantization.json`` says "gguf")."""
-    marker = Path(path) / "quantization.json"
-    try:
-        return marker.is_file() and json.loads(marker.read_text()).get("backend") == "gguf"
-    except (OSError, ValueError, AttributeError):
-        return False  # quantization.load names an unreadable marker
 
 
 def available() -> bool:
@@ -77,10 +67,6 @@ def load(file: str | Path) -> "LlamaCppModel":
 def threads() -> int:
     """Every core this process may use (llama-cpp-python's default is half of them)."""
     return len(os.sched_getaffinity(0))
-
-
-def is_llamacpp(model) -> bool:
-    return isinstance(model, LlamaCppModel)
 
 
 class LlamaCppModel:
