@@ -96,6 +96,10 @@ def start_server(model: Path, recipe: Path) -> tuple[subprocess.Popen, str]:
     line = proc.stdout.readline()
     if " at " not in line:
         raise SystemExit(f"server did not start: {line!r}")
+    # Keep reading its stdout (uvicorn's access log): once a pipe nobody reads holds 64 KiB,
+    # the server's next log line blocks its event loop, and every request with it (a minute's
+    # soak logs more than that).
+    threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
     return proc, line.split(" at ")[1].split()[0]
 
 
@@ -176,6 +180,18 @@ def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens:
             one(i)
             i += clients
 
+    health_waits: list[float] = []  # how long /health took, asked every half second
+
+    def probe_health() -> None:
+        while not stop.is_set() and not sigterm.is_set():
+            t = time.perf_counter()
+            try:
+                httpx.get(health, timeout=60)
+                health_waits.append(time.perf_counter() - t)
+            except httpx.HTTPError:
+                health_waits.append(float("inf"))
+            time.sleep(0.5)
+
     health = url.removesuffix("/v1") + "/health"
     warm_at = min(60.0, seconds / 4)
     rss: list[tuple[float, int]] = []
@@ -183,6 +199,7 @@ def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens:
     # Daemon threads: a failure of this script's own (below) must not leave it waiting on them.
     threads = [threading.Thread(target=client_loop, args=(c,), daemon=True)
                for c in range(clients)]
+    threads.append(threading.Thread(target=probe_health, daemon=True))
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -212,6 +229,7 @@ def soak(url: str, proc: subprocess.Popen, seconds: float, clients: int, tokens:
         "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
         "first_token_p50_s": statistics.median(firsts),
         "first_token_p95_s": percentile(firsts, 0.95),
+        "health_p50_s": statistics.median(health_waits), "health_max_s": max(health_waits),
         "rss_warm_at_s": warm_at, "rss_warm_bytes": rss_warm, "rss_end_bytes": rss_end,
         "rss_max_bytes": max(r for _, r in rss), "rss_growth": rss_end / rss_warm - 1,
         "batches": state["batches"], "largest_batch": state["largest_batch"],
@@ -243,7 +261,8 @@ def soak_main(args) -> None:
           f"  requests done {report['requests_done']}, lost {report['requests_lost']} "
           f"{report['lost']}, {report['requests_per_second']:.2f}/s\n"
           f"  latency p50 {report['p50_s']:.2f} s, p95 {report['p95_s']:.2f} s; first token "
-          f"p50 {report['first_token_p50_s']:.2f} s, p95 {report['first_token_p95_s']:.2f} s\n"
+          f"p50 {report['first_token_p50_s']:.2f} s, p95 {report['first_token_p95_s']:.2f} s; "
+          f"/health p50 {report['health_p50_s']:.3f} s, max {report['health_max_s']:.2f} s\n"
           f"  server RSS after {report['rss_warm_at_s']:.0f} s "
           f"{report['rss_warm_bytes'] / mib:.1f} MiB, at the end "
           f"{report['rss_end_bytes'] / mib:.1f} MiB ({report['rss_growth']:+.1%}), max "
