@@ -283,8 +283,8 @@ def main() -> None:
     from llmctl.quantization.llamacpp import available
 
     if not available():
-        raise SystemExit("error: llama-cpp-python is not installed: pip install "
-                         "'llmctl[llamacpp]' (see the README for its CMAKE_ARGS)")
+        raise SystemExit("error: llama-cpp-python is not installed: make install-llamacpp "
+                         "(its CMAKE_ARGS for this CPU: docs/quantization.md)")
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as scratch:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)

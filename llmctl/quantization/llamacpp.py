@@ -27,8 +27,8 @@ import torch
 from llmctl.errors import UserError
 from llmctl.gguf import read_metadata
 
-EXTRA = ("pip install 'llmctl[llamacpp]' (llama-cpp-python, built from source: the README "
-         "gives the CMAKE_ARGS for this CPU)")
+EXTRA = ("pip install 'llmctl[llamacpp]' (llama-cpp-python, built from source: `make "
+         "install-llamacpp` picks the CMAKE_ARGS for this CPU, docs/quantization.md says which)")
 # llama.cpp allocates a context's KV cache (and, when scoring, logits for every position) up
 # front: 4,096 positions of SmolLM2-135M are 94 MB of f16 KV cache, and its scoring context
 # 0.8 GB of f32 logits. The model's own limit applies when it is lower.
