@@ -134,7 +134,10 @@ def start_server(name: str, path: Path, server_path: str | None, workdir: Path):
 
         args = [sys.executable, "-m", "llama_cpp.server", "--model", str(path / "model.gguf"),
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads()),
-                "--n_threads_batch", str(threads()), "--n_ctx", "4096"]
+                "--n_threads_batch", str(threads()), "--n_ctx", "4096",
+                # Its default cuts the request in progress short when another arrives: the
+                # concurrent clients would get empty answers instead of waiting their turn.
+                "--interrupt_requests", "False"]
     else:
         recipe = workdir / "serve.toml"
         recipe.write_text('[run]\nname = "peer"\n')
@@ -162,13 +165,17 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     """(seconds to the last byte, seconds to the first text, the streamed text)."""
     start = time.perf_counter()
     first, text = None, []
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    # A chat request: given a bare prompt, the instruct model ends at once (an end-of-turn as
+    # its first token, in both servers), and the comparison measured nothing.
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            piece = json.loads(line[6:])["choices"][0].get("text") or ""
+            choices = json.loads(line[6:])["choices"]
+            piece = (choices[0].get("delta") or {}).get("content") or "" if choices else ""
             if piece and first is None:
                 first = time.perf_counter() - start
             text.append(piece)
@@ -183,7 +190,8 @@ async def load_run(url: str, clients: int, max_tokens: int) -> dict:
             one_request(client, url, PROMPTS[i % len(PROMPTS)] + f" (request {i})", max_tokens)
             for i in range(clients)], return_exceptions=True)
         wall = time.perf_counter() - start
-    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    # An answer without text is lost too (a server that gave up on it).
+    done = [o for o in outcomes if not isinstance(o, BaseException) and o[2]]
     return {"wall": wall, "latencies": [o[0] for o in done], "ttfts": [o[1] for o in done],
             "texts": [o[2] for o in done], "lost": len(outcomes) - len(done)}
 
