@@ -29,29 +29,30 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert pretrain["train_loss_last"] < pretrain["train_loss_first"] - 2.0
     assert pretrain["eval_perplexity"] < 1000  # 4,096-token vocabulary: uniform would be 4,096
     sft = manifest(run_dir / "sft")["metrics"]
-    # the evidence that fine-tuning teaches the task: label accuracy on held-out rows (1.00 in
-    # our runs, from 0.33 before; chance 0.33)
+    # the evidence that fine-tuning teaches the task: label accuracy on held-out rows (0.913 in
+    # our runs, from 0.340 before; chance 0.333)
     assert sft["eval_task_accuracy_after"] >= 0.85
     assert sft["eval_task_accuracy_after"] >= sft["eval_task_accuracy_before"] + 0.4
     reward = manifest(run_dir / "reward")["metrics"]
     assert reward["eval_accuracy"] > 0.6  # chosen above rejected on held-out pairs (chance 0.5)
     ppo = manifest(run_dir / "ppo")
     assert ppo["reward_tokenizer_shared"] is False  # the cross-tokenizer path
-    # PPO on a policy SFT already taught: the reward model scores its sampled answers to
-    # held-out prompts high before PPO (2.9 in our runs, -3.0 for the old demo's LoRA SFT
-    # policy), and PPO keeps them there (gain +0.016 ± 0.016), with the KL within the bound
+    # PPO on a policy SFT taught most of the task (3 epochs): the reward model scores its sampled
+    # answers to held-out prompts high before PPO (2.07 in our runs, -3.0 for the old demo's LoRA
+    # SFT policy), and PPO raises them by more than two standard errors of the paired gain
+    # (+0.446 ± 0.086; +0.225 ± 0.067 with run.seed = 1), with the KL within the bound
     metrics = ppo["metrics"]
     assert metrics["reward_mean_before"] > 1.0, metrics
-    assert metrics["reward_mean_after"] >= metrics["reward_mean_before"] - 0.2, metrics
+    assert metrics["reward_gain"] > 2 * metrics["reward_gain_sem"], metrics
     assert abs(metrics["kl_last"]) <= ppo["recipe"]["max_kl"]
     quantize = manifest(run_dir / "quantize")["metrics"]
     assert quantize["accepted"] == 1 and quantize["relative_loss"] <= quantize["tolerable_loss"]
     assert quantize["size_bytes_after"] < 0.7 * quantize["size_bytes_before"]
     bench = manifest(run_dir / "bench")["metrics"]
     # On lm-eval's own scoring: PPO and INT8 keep what SFT taught (the final fp model is the
-    # plain keys, bench.models = [ppo, quantize, sft]). Within two of the 150 rows: SFT scores
-    # 1.000, and PPO's sampling differs with the thread count (one run kept all 150, a CI run
-    # on 2 threads lost two: 0.987).
+    # plain keys, bench.models = [ppo, quantize, sft]). Within two of the 150 rows: PPO's
+    # sampling differs with the thread count (after 4 SFT epochs, 0.993, one run kept every row
+    # and a CI run on 2 threads lost two; after 3, 0.913, PPO scores 0.947 in our runs).
     slack = 2 / 150 + 1e-9
     assert bench["sft/demo_sentiment.acc"] >= 0.85
     assert bench["demo_sentiment.acc"] >= bench["sft/demo_sentiment.acc"] - slack
