@@ -75,3 +75,17 @@ def test_continuation_logprobs_share_the_prompt_pass_exactly(tiny_lm, context):
         expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
         assert score == pytest.approx(expected, abs=1e-4), cont
     assert len(set(round(s, 4) for s in scores)) == 3  # the labels are told apart
+
+
+def test_ppo_gain_error_counts_prompts_not_draws():
+    """PPO's held-out gain: a prompt's 4 draws are alike, so its error is over the prompts'
+    mean rewards. Two prompts whose draws all move by +1 and by +3: over the prompts the error
+    is stdev(1, 3) / sqrt(2) = 1; over the 8 draws it would be 1.07 / sqrt(8) = 0.38."""
+    from llmctl.evaluation import paired_sem
+    from llmctl.stages.ppo import prompt_means
+
+    before = [0.0] * 8
+    after = [1.0] * 4 + [3.0] * 4
+    assert prompt_means(after) == [1.0, 3.0]
+    assert paired_sem(prompt_means(before), prompt_means(after)) == pytest.approx(1.0)
+    assert paired_sem(before, after) < 0.4  # what counting draws as independent says

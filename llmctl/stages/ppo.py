@@ -105,7 +105,9 @@ def run(ctx: StageContext) -> dict:
     rewards_after = sampled_rewards(policy, tokenizer, eval_ids, text_reward, cfg,
                                     recipe.run.seed)
     reward_before, reward_after = mean(rewards_before), mean(rewards_after)
-    gain_sem = paired_sem(rewards_before, rewards_after)
+    # Over prompts, not draws: a prompt's samples are alike, so counting them as independent
+    # would understate the error.
+    gain_sem = paired_sem(prompt_means(rewards_before), prompt_means(rewards_after))
     logs = [h for h in log_history if "objective/scores" in h]
     kl_last = float(logs[-1]["objective/kl"])
     console.print(f"  held-out prompts: mean reward {reward_before:.3f} before -> "
@@ -206,9 +208,18 @@ def use_distinct_pad(tokenizer, queries: list[list[int]], *models) -> None:
                     f"tokenizer has no other special token to pad with")
 
 
+HELD_OUT_SAMPLES = 4  # responses sampled per held-out prompt
+
+
+def prompt_means(rewards: list[float], samples: int = HELD_OUT_SAMPLES) -> list[float]:
+    """Each held-out prompt's mean reward (``sampled_rewards`` lists a prompt's samples
+    together)."""
+    return [mean(rewards[i:i + samples]) for i in range(0, len(rewards), samples)]
+
+
 @torch.inference_mode()
 def sampled_rewards(policy, tokenizer, prompts: list[list[int]], reward: TextReward,
-                    cfg: PpoConfig, seed: int, samples: int = 4) -> list[float]:
+                    cfg: PpoConfig, seed: int, samples: int = HELD_OUT_SAMPLES) -> list[float]:
     """Rewards of responses to held-out prompts (token ids), sampled as PPO samples them
     (temperature, no top-k/top-p), several per prompt, from a fixed seed: the quantity PPO
     maximises. The same seed before and after training pairs the draws, which makes the gain's
