@@ -73,6 +73,21 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def merged_source(model: str, workdir: Path):
+    """(model, tokenizer, directory) to quantize, as the quantize stage does: an adapter (the
+    dpo stage's output) merged into its base and saved, since OpenVINO exports from disk."""
+    from llmctl.models import model_dir, save_model
+    from llmctl.paths import is_adapter_dir
+
+    fp_model, tokenizer = load_causal_lm(model).eval(), load_tokenizer(model)
+    if not is_adapter_dir(model):
+        return fp_model, tokenizer, model_dir(model)
+    fp_model = fp_model.merge_and_unload()
+    folder = workdir / "fp-merged"
+    save_model(fp_model, tokenizer, folder)
+    return fp_model, tokenizer, str(folder)
+
+
 def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
     """Each variant built once with llmctl's quantize backends (kept in ``workdir``)."""
     out = {}
@@ -82,11 +97,9 @@ def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
         folder = workdir / name.replace(" ", "-")
         if not (folder / quantization.MARKER).is_file():
             if source is None:
-                source = load_causal_lm(model).eval(), load_tokenizer(model)
-            from llmctl.models import model_dir
-
+                source = merged_source(model, workdir)
             t0 = time.perf_counter()
-            qmodel = quantization.quantize(source[0], model_dir(model), settings)
+            qmodel = quantization.quantize(source[0], source[2], settings)
             quantization.save(qmodel, settings, folder, source[1])
             print(f"  built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
         out[name] = folder
@@ -274,7 +287,8 @@ def print_serving(served: dict, clients: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model directory or .gguf to quantize")
+    parser.add_argument("--model", required=True, help="model directory, adapter (a dpo or "
+                        "sft output) or .gguf to quantize")
     parser.add_argument("--workdir", help="where the variants are built and kept (default: a "
                                           "temporary directory, deleted at the end)")
     parser.add_argument("--rounds", type=int, default=3)
