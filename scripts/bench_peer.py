@@ -14,7 +14,7 @@ llama-cpp-python), then measures, rounds interleaved, medians over ``--rounds``:
 Prints a table and the ratios (llmctl / llama.cpp) at comparable bits: INT8 against q8_0, INT4
 against q4_0. The machine's load average is recorded with every figure. Usage:
 
-    python scripts/bench_peer.py --model runs/real/dpo/model --workdir /tmp/peer [--rounds 3]
+    python scripts/bench_peer.py --model runs/smollm2-tweets/dpo/adapter --workdir /tmp/peer [--rounds 3]
         [--tokens 128 512] [--clients 1 4 16] [--serve-tokens 64] [--json peer.json]
 
 Needs the ``llamacpp`` extra, and for the server llama-cpp-python's ``server`` extra (its
