@@ -15,7 +15,7 @@ Each pair alternates (hand, llmctl, hand, ...) and reports medians. Prints both 
 ratios (target >= 0.95) and MFU. Usage:
 
     python scripts/bench_train.py [--precision bf16|fp32] [--steps 25] [--layers 6 --width 512]
-        [--smollm2 DIR] [--tweets DIR] [--sft-steps 15] [--sft-repeats 2] [--no-sft | --no-pretrain]
+        [--smollm2 GGUF_OR_DIR] [--tweets DIR] [--sft-steps 15] [--sft-repeats 2] [--no-sft | --no-pretrain]
 """
 
 from __future__ import annotations
