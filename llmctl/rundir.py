@@ -197,9 +197,8 @@ def run_dir_lock(run_dir: Path, held_elsewhere: bool = False) -> Iterator[None]:
         # it did not find, and no directory it made.
         if not had_lock and {p.name for p in Path(run_dir).iterdir()} - {LOCK} == found:
             lock_path.unlink()
-            if created:
-                for made in created:  # innermost first; each is empty once the one inside is gone
-                    made.rmdir()
+            for made in created:  # innermost first; each is empty once the one inside is gone
+                made.rmdir()
         os.close(fd)  # releases the flock
 
 

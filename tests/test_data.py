@@ -152,9 +152,9 @@ def test_sigkill_during_append_leaves_the_previous_or_the_new_commit(tmp_path):
     base_files = files(base)
 
     def append(name: str, kill_at=None) -> tuple:
-        """Append in a new process; SIGKILL it kill_at(seconds since the dataset's first
-        change, or None before one) = True. (state, exit code, first change, end) in seconds
-        since start."""
+        """Append in a new process; SIGKILL it once kill_at(seconds since start, seconds to
+        the dataset's first change or None before one, the dataset's folder) is true.
+        (state, exit code, first change, end) in seconds since start."""
         ds = tmp_path / name
         shutil.copytree(base, ds)
         old_files = files(ds)
@@ -166,7 +166,7 @@ def test_sigkill_during_append_leaves_the_previous_or_the_new_commit(tmp_path):
             now = time.time() - t0
             if changed is None and files(ds) != old_files:
                 changed = now
-            if kill_at is not None and kill_at(now, changed):
+            if kill_at is not None and kill_at(now, changed, ds):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.002)
@@ -177,13 +177,13 @@ def test_sigkill_during_append_leaves_the_previous_or_the_new_commit(tmp_path):
     assert code == 0 and len(after[0]) == 100_050 and after[1] == (*before[1], "more")
     assert first_write is not None
     window = end - first_write
-    points = [("reading", lambda now, changed: now >= first_write / 2)]
-    points += [(f"{f:.0%} of writing", lambda now, changed, f=f: changed is not None
+    points = [("reading", lambda now, changed, ds: now >= first_write / 2)]
+    points += [(f"{f:.0%} of writing", lambda now, changed, ds, f=f: changed is not None
                 and now >= changed + f * window) for f in (0.0, 0.02, 0.05, 0.1, 0.25)]
     # The riskiest moment: deeplake writes a commit's chunks, then its log entry; kill as soon
     # as that entry appears (it may be half written).
-    points.append(("log entry", lambda now, changed, name="log-entry": any(
-        f.endswith(".jsonl.lz4") and f not in base_files for f in files(tmp_path / name))))
+    points.append(("log entry", lambda now, changed, ds: any(
+        f.endswith(".jsonl.lz4") and f not in base_files for f in files(ds))))
     outcomes = []
     for label, kill_at in points:
         state, code, _, _ = append(label.replace(" ", "-").replace("%", ""), kill_at)
