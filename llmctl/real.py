@@ -11,7 +11,7 @@ never installed) and unpacked into ``.llmctl-cache/``:
 :func:`prepare_tweets` turns the tweets into Deep Lake datasets: a stratified, balanced
 train / held-out split with a fixed seed, preference pairs (the right label over a wrong one)
 for reward and DPO, and prompts for PPO. ``python -m llmctl.real`` does both;
-``python -m llmctl.real --run RECIPE`` then runs the recipe (``make real``).
+``python -m llmctl.real --run RECIPE...`` then runs the recipes in turn (``make real``).
 """
 
 from __future__ import annotations
@@ -215,19 +215,27 @@ def precision_overrides(recipe_path: str | Path) -> list[str]:
 def main(argv: list[str]) -> int:
     from llmctl.progress import console
 
-    if argv and (argv[0] != "--run" or len(argv) != 2):
-        raise UserError(f"unexpected arguments {argv}: python -m llmctl.real [--run RECIPE]")
+    if argv and (argv[0] != "--run" or len(argv) < 2):
+        raise UserError(f"unexpected arguments {argv}: python -m llmctl.real [--run RECIPE...]")
+    from llmctl.recipe import load_recipe
+
+    for recipe in argv[1:]:
+        load_recipe(recipe)  # a typo in the last recipe fails now, not after the first has run
     for name in ARTIFACTS:
         console.print(f"  {name}: {fetch(name)}")
     for name, path in prepare_tweets().items():
         console.print(f"  {name}: {path}")
     if not argv:
         return 0
-    overrides = precision_overrides(argv[1])
-    if overrides:
-        console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): "
-                      f"{', '.join(overrides[1::2])}")
-    return subprocess.run([sys.executable, "-m", "llmctl", "run", argv[1], *overrides]).returncode
+    for recipe in argv[1:]:  # in turn; a later recipe may build on an earlier one's run
+        overrides = precision_overrides(recipe)
+        if overrides:
+            console.print("  this CPU has no native bf16 (AVX512-BF16 or AMX): "
+                          f"{', '.join(overrides[1::2])}")
+        code = subprocess.run([sys.executable, "-m", "llmctl", "run", recipe, *overrides]).returncode
+        if code:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -176,12 +176,13 @@ class RecipeTables(Section):
             names = [self._last_trained_stage() or self.base_model("bench.models")]
             if self.quantize is not None:
                 names.append("quantize")
+        stages = {name: self.named_model(name) for name in names if name in stage_models()}
         models = {}
-        for name in names:
-            if name in stage_models():
-                models[name] = self.named_model(name)
+        for name in names:  # a stage keeps its name; a path is labelled around them
+            if name in stages:
+                models[name] = stages[name]
             else:
-                models[_unique_label(name, models)] = name
+                models[_unique_label(name, {**stages, **models})] = name
         return models
 
 
@@ -199,9 +200,13 @@ LOAD_KEYS = ("revision", "trust_remote_code", "allow_pickle", "dtype")
 
 def _unique_label(path: str, taken: dict[str, str]) -> str:
     """A short name for a model path: its directory name, or for a stage's ``model`` /
-    ``adapter`` directory the stage's name; ``-2``, ``-3``... when that is taken."""
+    ``adapter`` directory the stage's name (with its run's name before it when the stage's
+    alone is taken); ``-2``, ``-3``... when that is taken too."""
     parts = Path(path).parts
-    label = parts[-2] if len(parts) > 1 and parts[-1] in ("model", "adapter") else parts[-1]
+    stage_output = len(parts) > 1 and parts[-1] in ("model", "adapter")
+    label = parts[-2] if stage_output else parts[-1]
+    if label in taken and stage_output and len(parts) > 2:
+        label = f"{parts[-3]}-{label}"  # another run's stage: runs/<run>/<stage>/model
     unique, n = label, 1
     while unique in taken:
         n += 1

@@ -265,11 +265,16 @@ def bench_sft(args) -> dict | None:
         batches = sft_batches(model_dir, tweets, Path(tmp), args)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches[SKIP:])
     for rep in range(args.sft_repeats):
-        hand, hand_first = sft_hand_loop(model_dir, batches, args)
-        runs["hand"].append(hand)
-        with tempfile.TemporaryDirectory() as tmp:
-            m = llmctl_sft(model_dir, tweets, Path(tmp), args)
-        runs["llmctl"].append(m["steps_per_second_steady"])
+        # Alternate which goes first, so that a drift of the machine within a repeat does not
+        # always favour the same side.
+        for side in (("hand", "llmctl") if rep % 2 == 0 else ("llmctl", "hand")):
+            if side == "hand":
+                hand, hand_first = sft_hand_loop(model_dir, batches, args)
+                runs["hand"].append(hand)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    m = llmctl_sft(model_dir, tweets, Path(tmp), args)
+                runs["llmctl"].append(m["steps_per_second_steady"])
         print(f"sft repeat {rep + 1}: hand loop {hand:.3f} steps/s, llmctl "
               f"{runs['llmctl'][-1]:.3f} steps/s (steady-state); loss of step 1: hand "
               f"{hand_first:.4f}, llmctl {m['train_loss_first']:.4f}", flush=True)
@@ -282,6 +287,10 @@ def bench_sft(args) -> dict | None:
         "sft_hand_loop_tokens_per_s": round(hand * tokens, 1),
         "sft_llmctl_tokens_per_s": round(ours * tokens, 1),
         "sft_llmctl_over_hand_loop_steady": round(ours / hand, 3),
+        # Each repeat's pair ran back to back: the ratio within a pair drifts less than either.
+        "sft_ratio_per_repeat": [round(o / h, 3) for o, h in zip(runs["llmctl"], runs["hand"])],
+        "sft_ratio_median_of_pairs": round(statistics.median(
+            o / h for o, h in zip(runs["llmctl"], runs["hand"])), 3),
         "sft_step1_loss_hand_llmctl": [round(hand_first, 4), round(m["train_loss_first"], 4)],
     }
 

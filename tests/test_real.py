@@ -13,6 +13,7 @@ from tests.conftest import REPO, manifest, run_cli
 
 pytestmark = pytest.mark.slow
 RECIPE = REPO / "recipes" / "smollm2-135m-tweets-cpu.toml"
+GGUF_RECIPE = REPO / "recipes" / "smollm2-135m-tweets-gguf.toml"  # make real's second
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,28 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     assert len(rows) == 3 and all(r["input"].endswith("<|im_start|>assistant\n") for r in rows)
     assert all(r["completions"][0].strip() for r in rows)
     assert os.path.isdir(REPO / ".llmctl-cache" / "gguf")
+
+    # `make real`'s second recipe on this run: the DPO model as a GGUF file, then (with the
+    # llamacpp extra) benched through llama.cpp beside the OpenVINO INT8.
+    gguf_run = tmp_path / "gguf"
+    on_this_run = ["--run-dir", str(gguf_run),
+                   "--set", f'quantize.model="{run_dir / "dpo" / "adapter"}"',
+                   "--set", f'bench.models=["quantize", "{run_dir / "quantize" / "model"}"]',
+                   "--set", "quantize.limit=6", "--set", "quantize.tolerable_loss=1.0",
+                   "--set", "bench.limit=6", "--set", "bench.eval_max_batches=1",
+                   "--set", "bench.latency.new_tokens=4", "--set", "bench.latency.runs=1"]
+    code, _, err = run_cli(["quantize", GGUF_RECIPE, *on_this_run], capsys)
+    assert code == 0, err
+    assert (gguf_run / "quantize" / "model" / "model.gguf").is_file()
+    assert manifest(gguf_run / "quantize")["inputs"]["model"].endswith("/dpo/adapter")
+    from llmctl.quantization import llamacpp
+
+    if llamacpp.available():
+        code, _, err = run_cli(["bench", GGUF_RECIPE, *on_this_run], capsys)
+        assert code == 0, err
+        bench = manifest(gguf_run / "bench")["metrics"]
+        for label in ("quantize", "run-quantize"):  # the GGUF, then the OpenVINO INT8
+            assert 0 <= bench[f"{label}/tweet_sentiment.acc"] <= 1
 
 
 def test_preference_pairs_put_the_right_label_over_each_wrong_one():

@@ -138,6 +138,18 @@ def test_quantize_model_names_a_stage_or_a_path(tmp_path):
     assert path.upstream_inputs("quantize") == {"model": "some/dir"}
 
 
+def test_bench_labels_keep_stage_names_and_tell_paths_apart(tmp_path):
+    """A stage keeps its name as its label, wherever it is in the list; another run's stage
+    output gets that run's name before the stage's, so a path never replaces a stage's entry."""
+    text = BASE + '[quantize]\n[bench]\nmodels = ["runs/other/quantize/model", "quantize", ' \
+                  '"a/b/model", "c/b/model", "c/b/model"]\n'
+    models = load_recipe(write(tmp_path, text)).bench_models()
+    assert list(models.items()) == [("other-quantize", "runs/other/quantize/model"),
+                                    ("quantize", "runs/t/quantize/model"),
+                                    ("b", "a/b/model"), ("c-b", "c/b/model"),
+                                    ("c-b-2", "c/b/model")]
+
+
 def test_stage_hash_tracks_config(tmp_path):
     path = write(tmp_path, BASE)
     a, b = load_recipe(path), load_recipe(path, ["sft.lr=1e-3"])
@@ -264,8 +276,14 @@ def test_make_real_trains_in_fp32_where_bf16_would_be_emulated(monkeypatch):
 
 
 def test_make_real_refuses_unknown_arguments_before_any_work():
+    from pathlib import Path
+
     from llmctl.real import main
 
-    for argv in (["--rnu", "r.toml"], ["--run"], ["--run", "a.toml", "b.toml"]):
-        with pytest.raises(UserError, match=r"python -m llmctl.real \[--run RECIPE\]"):
+    for argv in (["--rnu", "r.toml"], ["--run"], ["r.toml"]):
+        with pytest.raises(UserError, match=r"python -m llmctl.real \[--run RECIPE\.\.\.\]"):
             main(argv)
+    # Every recipe is read before the first runs: a bad last one fails in a second.
+    with pytest.raises(UserError, match="nope.toml"):
+        main(["--run", str(Path(__file__).parents[1] / "recipes" / "smollm2-135m-tweets-cpu.toml"),
+              "nope.toml"])
