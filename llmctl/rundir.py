@@ -33,7 +33,7 @@ from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import BASE_FINGERPRINT, config_hash, describe_changes, model_fingerprint, \
     path_fingerprint
-from llmctl.paths import exists, is_local, is_remote, looks_local  # noqa: F401 - re-exported
+from llmctl.paths import exists, is_local, looks_local
 
 MANIFEST = "manifest.json"
 LOCK = ".llmctl.lock"

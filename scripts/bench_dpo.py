@@ -33,6 +33,7 @@ from llmctl.data import hf_dataset
 from llmctl.models import load_causal_lm, load_tokenizer, lora_config
 from llmctl.recipe import load_recipe
 from llmctl.stages.dpo import dpo_loss
+from llmctl.trainers import fused_head
 
 SKIP = 2  # warm-up steps left out
 
@@ -48,8 +49,14 @@ class StepTimes(TrainerCallback):
 def seconds_per_step(recipe, tokenizer, dataset, args, workdir: str) -> float:
     cfg = recipe.dpo
     model = load_causal_lm(args.model, recipe.model)
+    # What llmctl.training.training_args sets that changes a step's time: the LM head on the
+    # labelled positions on CPU too, and no gradient checkpointing unless the recipe asks (trl's
+    # DPOConfig turns it on by default). Without them this measured trl's defaults, not the
+    # stage: 8-10 s a step against 6-7 before the move (AMX Xeon, 2026-12-06).
+    fused_head.compact_on_cpu()
     config = DPOConfig(output_dir=workdir, per_device_train_batch_size=cfg.batch_size,
                        max_length=cfg.max_length, learning_rate=cfg.lr, beta=cfg.beta,
+                       gradient_checkpointing=cfg.gradient_checkpointing,
                        **dpo_loss(cfg), bf16=True, use_cpu=True, report_to=[],
                        max_steps=args.steps, save_strategy="no", logging_steps=1,
                        disable_tqdm=True, seed=0)

@@ -44,7 +44,7 @@ import httpx
 
 from llmctl import quantization
 from llmctl.latency import generate_seconds, prompt_ids
-from llmctl.models import load_causal_lm, load_tokenizer
+from llmctl.models import load_tokenizer
 from llmctl.quantization import load_model
 
 # name -> llmctl quantize settings; pairs compared at comparable bits
@@ -73,21 +73,6 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def merged_source(model: str, workdir: Path):
-    """(model, tokenizer, directory) to quantize, as the quantize stage does: an adapter (the
-    dpo stage's output) merged into its base and saved, since OpenVINO exports from disk."""
-    from llmctl.models import model_dir, save_model
-    from llmctl.paths import is_adapter_dir
-
-    fp_model, tokenizer = load_causal_lm(model).eval(), load_tokenizer(model)
-    if not is_adapter_dir(model):
-        return fp_model, tokenizer, model_dir(model)
-    fp_model = fp_model.merge_and_unload()
-    folder = workdir / "fp-merged"
-    save_model(fp_model, tokenizer, folder)
-    return fp_model, tokenizer, str(folder)
-
-
 def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
     """Each variant built once with llmctl's quantize backends (kept in ``workdir``)."""
     out = {}
@@ -96,8 +81,10 @@ def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
         settings = VARIANTS[name]
         folder = workdir / name.replace(" ", "-")
         if not (folder / quantization.MARKER).is_file():
-            if source is None:
-                source = merged_source(model, workdir)
+            if source is None:  # as the quantize stage does: an adapter merged, on disk
+                fp, tokenizer = quantization.fp_model(model)
+                source = fp, tokenizer, quantization.source_dir(model, fp, tokenizer,
+                                                                workdir / "fp-merged")
             t0 = time.perf_counter()
             qmodel = quantization.quantize(source[0], source[2], settings)
             quantization.save(qmodel, settings, folder, source[1])

@@ -104,6 +104,29 @@ def quantize(model: "torch.nn.Module", source_dir: str, settings: dict[str, Any]
     return backend(settings["backend"]).quantize(model, source_dir, settings, calibration)
 
 
+def fp_model(path: str, model_cfg=None):
+    """(fp model, tokenizer) to quantize from ``path``; an adapter is merged into its base."""
+    from llmctl.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(path, model_cfg).eval()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model, load_tokenizer(path, model_cfg)
+
+
+def source_dir(path: str, model, tokenizer, scratch: Path) -> str:
+    """A model directory holding ``model``, for backends that export from disk (OpenVINO,
+    GPTQ): ``path`` itself when it is one, else (an adapter, a .gguf file) the model as loaded,
+    saved to ``scratch``."""
+    from llmctl.models import save_model
+    from llmctl.paths import is_adapter_dir
+
+    if is_adapter_dir(path) or not Path(path).is_dir():
+        save_model(model, tokenizer, scratch)
+        return str(scratch)
+    return path
+
+
 def save(qmodel, settings: dict[str, Any], out_dir: Path, tokenizer) -> None:
     """Weights in the backend's loadable format, the tokenizer, and ``quantization.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ from llmctl.data import heldout_blocks
 from llmctl.evaluation import lm_eval_tasks, perplexity
 from llmctl.latency import latency_rows
 from llmctl.models import device, load_tokenizer
+from llmctl.paths import looks_local
 from llmctl.progress import console, stage_header
 from llmctl.quantization import is_quantized_dir, load_model, weight_bytes
 from llmctl.recipe import Recipe
-from llmctl.rundir import looks_local
 from llmctl.schema import BenchConfig
 from llmctl.stages import StageContext
 

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
-
 
 from llmctl import quantization
-from llmctl.quantization import QuantizeConfig, describe
 from llmctl.data import heldout_blocks, token_blocks
 from llmctl.errors import StageFailed, UserError
 from llmctl.evaluation import check_tasks, lm_eval_tasks, perplexity
-from llmctl.paths import is_adapter_dir
-from llmctl.models import load_causal_lm, load_tokenizer, save_model
 from llmctl.progress import console, stage_header
+from llmctl.quantization import QuantizeConfig, describe
 from llmctl.recipe import Recipe
 from llmctl.stages import StageContext
 
@@ -30,10 +26,7 @@ def run(ctx: StageContext) -> dict:
     recipe, cfg, inputs = ctx.recipe, ctx.cfg, ctx.inputs
 
     # -- setup ------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(inputs["model"], recipe.model)
-    model = load_causal_lm(inputs["model"], recipe.model).eval()
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # an adapter is quantized merged into its base
+    model, tokenizer = quantization.fp_model(inputs["model"], recipe.model)  # adapters merged
     score, metric_name, higher_is_better = metric_function(recipe, cfg, tokenizer)
     calibration = calibration_blocks(recipe, cfg, tokenizer)
     trials = quantization.trial_settings(cfg, model)
@@ -42,11 +35,7 @@ def run(ctx: StageContext) -> dict:
                              f"at most {len(trials)} trial(s)")
 
     stage = ctx.start()
-    source_dir = inputs["model"]
-    if is_adapter_dir(source_dir) or not Path(source_dir).is_dir():
-        # Backends that export from disk (OpenVINO, GPTQ) need the merged fp model as a directory.
-        source_dir = str(stage.path("fp_model"))
-        save_model(model, tokenizer, Path(source_dir))
+    source_dir = quantization.source_dir(inputs["model"], model, tokenizer, stage.path("fp_model"))
 
     # -- measure, then try settings until one is good enough -------------------------------
     before = score(model)
