@@ -8,7 +8,6 @@ exactly what a run would.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from llmctl import distributed, rundir
 from llmctl.errors import UserError
