@@ -8,7 +8,6 @@ exactly what a run would.
 
 from __future__ import annotations
 
-
 from llmctl import distributed, rundir
 from llmctl.errors import UserError
 from llmctl.fingerprint import changed, describe_changes

@@ -9,6 +9,9 @@ against llmctl's properties in the same run. Usage:
 
     python scripts/bench_openvino_properties.py [--shape opt-1.3b|opt-125m] [--bits 4]
         [--tokens 128] [--rounds 2] [--levers NAME ...]
+
+``--model DIR`` times an OpenVINO model `llmctl quantize` (or ``bench_peer.py``'s work folder)
+saved instead, such as the real run's INT4 SmolLM2, where llama.cpp is the comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from bench_generate import SHAPES, VARIANTS, reopened  # noqa: E402  (scripts/ is on sys.path)
@@ -28,6 +32,7 @@ from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from llmctl import quantization  # noqa: E402
 from llmctl.latency import generate_seconds  # noqa: E402
+from llmctl.paths import read_json  # noqa: E402
 from llmctl.quantization.openvino import CPU_PROPERTIES  # noqa: E402
 
 # name -> properties for LLMPipeline, each on top of what llmctl opens OpenVINO models with
@@ -57,23 +62,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS),
                         help=f"which property sets to time ({BASELINE!r} always is)")
+    parser.add_argument("--model", help="an OpenVINO quantize output to time instead of --shape")
     args = parser.parse_args()
     args.levers = [BASELINE, *(name for name in args.levers if name != BASELINE)]
     import openvino_genai
 
     torch.manual_seed(0)
-    config = OPTConfig(**SHAPES[args.shape])
-    spec = VARIANTS["openvino int4 g128" if args.bits == 4 else "openvino int8"][0]
-    prompt = torch.randint(4, config.vocab_size, (1, 32))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        fp_model = OPTForCausalLM(config).eval()
-        fp_model.save_pretrained(tmp)
-        model = reopened(quantization.quantize(fp_model, tmp, spec, quantization.Calibration([])),
-                         spec)  # saved and loaded back as `llmctl quantize` leaves it
-        del fp_model
+        if args.model:
+            model = quantization.load(args.model)
+            settings = read_json(Path(args.model) / quantization.MARKER)
+            config, label = model.config, f"{args.model} ({quantization.describe(settings)})"
+        else:
+            config = OPTConfig(**SHAPES[args.shape])
+            spec = VARIANTS["openvino int4 g128" if args.bits == 4 else "openvino int8"][0]
+            fp_model = OPTForCausalLM(config).eval()
+            fp_model.save_pretrained(tmp)
+            model = reopened(quantization.quantize(fp_model, tmp, spec,
+                                                   quantization.Calibration([])),
+                             spec)  # saved and loaded back as `llmctl quantize` leaves it
+            del fp_model
+            label = f"{args.shape} INT{args.bits}"
+            print(f"built INT{args.bits} in {time.perf_counter() - t0:.0f} s", flush=True)
         saved = model.llmctl_dir
-        print(f"built INT{args.bits} in {time.perf_counter() - t0:.0f} s", flush=True)
+        prompt = torch.randint(4, config.vocab_size, (1, 32))
         pipelines = {name: openvino_genai.LLMPipeline(str(saved), "CPU",
                                                       **{**CPU_PROPERTIES, **props})
                      for name, props in LEVERS.items() if name in args.levers}
@@ -91,8 +104,7 @@ def main() -> None:
                 times[name].append(seconds)
                 print(f"  round {r + 1} {name}: {seconds:.2f} s", flush=True)
     base = statistics.median(times[BASELINE])
-    print(f"\n{args.shape} INT{args.bits}, {args.tokens} forced tokens, greedy, batch 1, median of "
-          f"{args.rounds}:")
+    print(f"\n{label}, {args.tokens} forced tokens, greedy, batch 1, median of {args.rounds}:")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:28s} {median:6.2f} s  {args.tokens / median:5.1f} tok/s  "
