@@ -221,9 +221,13 @@ def check_tasks(tasks: list[str], task_path: str | None, key: str = "bench.tasks
     own index when it holds every task, else the harness's too."""
     from llmctl.paths import exists
 
-    if task_path and not (exists(task_path) and Path(task_path).is_dir()):
-        raise UserError(f"{key.rsplit('.', 1)[0]}.task_path: {task_path} is not a directory "
-                        f"(of lm-eval YAML tasks)")
+    table = key.rsplit(".", 1)[0]
+    if task_path and not exists(task_path):
+        raise UserError(f"{table}.task_path: {task_path} does not exist (a directory of lm-eval "
+                        f"YAML tasks)")
+    if task_path and not Path(task_path).is_dir():
+        raise UserError(f"{table}.task_path: {task_path} is not a directory (of lm-eval YAML "
+                        f"tasks)")
     task_manager = task_manager_for(task_path, include_defaults=False) if task_path else None
     if task_manager is None or not all(t in task_manager.all_tasks for t in tasks):
         task_manager = task_manager_for(task_path)

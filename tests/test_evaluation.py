@@ -43,6 +43,17 @@ def test_local_tasks_are_indexed_without_the_harness_s_own(tmp_path):
     assert "tiny_choice" in manager.all_tasks and "hellaswag" not in manager.all_tasks
 
 
+def test_task_path_errors_say_missing_or_not_a_directory(tmp_path):
+    from llmctl.errors import UserError
+    from llmctl.evaluation import check_tasks
+
+    with pytest.raises(UserError, match=r"^quantize.task_path: \S+/nope does not exist"):
+        check_tasks(["tiny_choice"], str(tmp_path / "nope"), "quantize.task")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^bench.task_path: \S+/file is not a directory"):
+        check_tasks(["tiny_choice"], str(tmp_path / "file"))
+
+
 @pytest.mark.slow  # indexes the harness's own tasks
 def test_local_and_harness_tasks_together(tmp_path):
     from llmctl.evaluation import check_tasks
