@@ -6,7 +6,9 @@ by openvino-genai) and GGUF q8_0 and q4_0 exports (decoded by llama.cpp through
 llama-cpp-python), then measures, rounds interleaved, medians over ``--rounds``:
 
 1. batch 1, greedy, forced lengths (``--tokens``, 128 and 512): tokens/s and time to first token
-   for a 32-token prompt, each runtime through llmctl's own timing (``llmctl.latency``);
+   for a 32-token prompt, each runtime through llmctl's own timing (``llmctl.latency``); the
+   variants of one length run back to back in an order that alternates between rounds, and the
+   ratios are the median of each round's own ratio (this machine drifts by +-20% a minute);
 2. ``llmctl serve`` against ``llama_cpp.server`` at ``--clients`` (1, 4, 16) concurrent streaming
    clients on /v1/completions, greedy, ``--serve-tokens`` each: aggregate tokens/s (completion
    tokens counted with the model's tokenizer), p50/p95 request latency, requests lost.
@@ -14,7 +16,7 @@ llama-cpp-python), then measures, rounds interleaved, medians over ``--rounds``:
 Prints a table and the ratios (llmctl / llama.cpp) at comparable bits: INT8 against q8_0, INT4
 against q4_0. The machine's load average is recorded with every figure. Usage:
 
-    python scripts/bench_peer.py --model runs/smollm2-tweets/dpo/adapter --workdir /tmp/peer [--rounds 3]
+    python scripts/bench_peer.py --model runs/smollm2-tweets/dpo/adapter --workdir /tmp/peer [--rounds 5]
         [--tokens 128 512] [--clients 1 4 16] [--serve-tokens 64] [--json peer.json]
 
 Needs the ``llamacpp`` extra, and for the server llama-cpp-python's ``server`` extra (its
@@ -93,8 +95,25 @@ def prepare(model: str, workdir: Path, names: list[str]) -> dict[str, Path]:
     return out
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The variants' order in round ``r``: reversed every other round, so that no runtime always
+    runs first (or straight after the same one) while the machine drifts."""
+    return list(names) if r % 2 == 0 else list(reversed(names))
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """llmctl's speed over llama.cpp's from seconds measured in the same rounds: each round's
+    ratio (their seconds / ours), then the median and range of those. Within a round the two ran
+    seconds apart, so the ratio drifts far less than either figure (this machine's speed moves
+    by +-20% within a minute)."""
+    ratios = [t / o for o, t in zip(ours, theirs)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
+
+
 def batch1(paths: dict[str, Path], tokens: list[int], rounds: int) -> dict:
-    """Seconds for each forced length and for one token, every variant in each round."""
+    """Seconds for each forced length and for one token, every variant in each round; the
+    variants of one length run back to back, in an order that alternates between rounds."""
     models = {name: load_model(str(path)) for name, path in paths.items()}
     tokenizer = load_tokenizer(str(next(iter(paths.values()))))
     ids = prompt_ids(tokenizer, 32, 1)
@@ -105,15 +124,20 @@ def batch1(paths: dict[str, Path], tokens: list[int], rounds: int) -> dict:
         generate_seconds(model, ids, 8, 1, pad)
     for r in range(rounds):
         loads.append(load_average())
-        for name, model in models.items():
-            for n in tokens + [1]:
-                times[(name, n)].append(generate_seconds(model, ids, n, 1, pad))
-            print(f"  round {r + 1} {name}: " + ", ".join(
-                f"{n} tok {times[(name, n)][-1]:.2f} s" for n in tokens), flush=True)
+        for n in tokens + [1]:
+            for name in round_order(list(models), r):
+                times[(name, n)].append(generate_seconds(models[name], ids, n, 1, pad))
+        print(f"  round {r + 1}: " + "; ".join(
+            f"{name} " + ", ".join(f"{n} tok {times[(name, n)][-1]:.2f} s" for n in tokens)
+            for name in models), flush=True)
     result = {name: {"ttft_seconds": statistics.median(times[(name, 1)]),
                      **{f"tokens_per_second_{n}": n / statistics.median(times[(name, n)])
                         for n in tokens}} for name in models}
-    return {"results": result, "load_averages": loads}
+    ratios = {f"{ours} / {theirs}": {str(n): paired_ratio(times[(ours, n)], times[(theirs, n)])
+                                     for n in tokens + [1]}
+              for ours, theirs in PAIRS if ours in models and theirs in models}
+    return {"results": result, "paired_ratios": ratios, "load_averages": loads,
+            "seconds": {f"{name} {n}": times[(name, n)] for name, n in times}}
 
 
 def free_port() -> int:
@@ -246,13 +270,11 @@ def print_batch1(b1: dict, tokens: list[int]) -> None:
     for name, r in b1["results"].items():
         print(f"| {name} | " + " | ".join(f"{r[f'tokens_per_second_{n}']:.1f}" for n in tokens)
               + f" | {r['ttft_seconds'] * 1000:.0f} |")
-    for ours, theirs in PAIRS:
-        if ours not in b1["results"] or theirs not in b1["results"]:
-            continue
-        a, b = b1["results"][ours], b1["results"][theirs]
-        print(f"  {ours} / {theirs}: " + ", ".join(
-            f"{a[f'tokens_per_second_{n}'] / b[f'tokens_per_second_{n}']:.2f}x tok/s at {n}"
-            for n in tokens) + f", first token {b['ttft_seconds'] / a['ttft_seconds']:.2f}x")
+    for pair, per_length in b1.get("paired_ratios", {}).items():
+        print(f"  {pair}, median of each round's ratio (range): " + ", ".join(
+            f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) at {n} tokens"
+            for n, r in per_length.items() if n != "1")
+            + f"; first token {per_length['1']['median']:.2f}x sooner")
 
 
 def print_serving(served: dict, clients: list[int]) -> None:
@@ -278,7 +300,7 @@ def main() -> None:
                         "sft output) or .gguf to quantize")
     parser.add_argument("--workdir", help="where the variants are built and kept (default: a "
                                           "temporary directory, deleted at the end)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--serve-tokens", type=int, default=64,
