@@ -433,13 +433,23 @@ def _stderr():
 def main() -> None:
     import signal
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _on_sigterm)
     # The interrupt contract (130 / 143 and what was kept) holds whatever the parent handed
     # down: a background job of a non-interactive shell starts with SIGINT ignored, and a
     # parent's blocked signals stay blocked across exec.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _main()
+    finally:  # as they were, for a caller that runs the CLI inside its own process (tests)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)
     except click.exceptions.ClickException as err:  # usage errors: exit 2 like argparse

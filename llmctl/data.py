@@ -22,7 +22,7 @@ import deeplake
 import torch
 
 from llmctl.errors import UserError
-from llmctl.paths import demo_hint, is_remote, read_text
+from llmctl.paths import demo_hint, is_remote, read_text, replace_dir
 from llmctl.schema import DataSource
 
 # The course's templates, by name. A recipe may also give a format string of its own.
@@ -525,11 +525,7 @@ def write_dataset(dest: str, records: list[dict[str, Any]], message: str,
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _fill(deeplake.create(str(staging)), names, records, message)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return len(records)

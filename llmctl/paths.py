@@ -1,9 +1,15 @@
 """What a path-like string in a recipe is (a local path, a hub id or a remote dataset URL), what
-kind of model directory a local path is, and reading the small files llmctl reads."""
+kind of model directory a local path is, reading the small files llmctl reads, and putting a
+finished directory in place of an old one."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 from llmctl.errors import UserError
@@ -95,3 +101,44 @@ def read_json(path: Path) -> dict:
     if not isinstance(found, dict):
         raise UserError(f"{path}: not a JSON object")
     return found
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the finished directory ``new`` where ``target`` is, then delete the old ``target``.
+
+    Where a directory already stands at ``target``, a reader (or a crash) sees the old one or the
+    new one, never neither: on Linux the two are exchanged in one ``renameat2`` call; elsewhere
+    the old one is moved aside first and moved back if the second rename fails."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # it holds the old directory now
+        return
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux's ``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, C library or file system cannot, so that the caller takes the two-rename way."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28, or another C library
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

@@ -33,7 +33,7 @@ from llmctl import distributed
 from llmctl.errors import UserError
 from llmctl.fingerprint import BASE_FINGERPRINT, config_hash, describe_changes, model_fingerprint, \
     path_fingerprint
-from llmctl.paths import exists, is_local, looks_local
+from llmctl.paths import exists, is_local, looks_local, replace_dir
 
 MANIFEST = "manifest.json"
 LOCK = ".llmctl.lock"
@@ -413,17 +413,10 @@ class StageRun:
             "fingerprint": {"config": self.config, "inputs": self.input_fingerprints},
         }
         _write_json(self.work_dir / MANIFEST, manifest)
-        # Swap in: the old output (if any) is moved aside first, then removed once the new one is
-        # in place, so a crash between the two renames leaves either the old or the new stage.
-        trash = None
-        if self.final_dir.exists():
-            trash = self.run_dir / ".partial" / f"{self.stage}.old-{int(time.time())}"
-            os.replace(self.final_dir, trash)
-        os.replace(self.work_dir, self.final_dir)
+        replace_dir(self.work_dir, self.final_dir)  # a crash leaves the old stage or the new
         self.discard_superseded()
-        for leftover in (trash, self.cache_dir):
-            if leftover is not None and leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+        if self.cache_dir.exists():
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.run_dir / ".partial").rmdir()  # only when empty
         ACTIVE = None

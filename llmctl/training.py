@@ -24,11 +24,10 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
                   args_cls: type[TrainingArguments] = TrainingArguments,
                   **overrides) -> TrainingArguments:
     """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table,
-    with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker."""
-    precision = resolve_precision(cfg.precision)
+    with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker, writing the
+    stage's checkpoints and tracker logs in its run directory."""
+    resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
-    fused_head.compact_on_cpu()
-    seed = recipe.run.seed
     stage.tracking = tracker_run(cfg.report_to, stage, recipe)
     run_name = stage.tracking["run_name"]
     # Credentials stay in the environment (wandb reads WANDB_API_KEY itself), never in files.
@@ -37,10 +36,21 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
         os.environ["WANDB_NAME"] = run_name
     elif cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage.work_dir / "logs")  # transformers 5
+    return stage_arguments(cfg, recipe, str(stage.checkpoint_dir), args_cls, run_name=run_name,
+                           **overrides)
+
+
+def stage_arguments(cfg: TrainConfig, recipe: Recipe, output_dir: str,
+                    args_cls: type[TrainingArguments] = TrainingArguments,
+                    **overrides) -> TrainingArguments:
+    """What :func:`training_args` builds, without a run directory or tracker: everything that
+    decides what a training step computes, so that a benchmark times the stage's own step."""
+    precision = resolve_precision(cfg.precision)
+    fused_head.compact_on_cpu()
+    seed = recipe.run.seed
     eval_every = cfg.eval_steps is not None and cfg.eval_steps > 0
     kwargs = dict(
-        output_dir=str(stage.checkpoint_dir),
-        run_name=run_name,
+        output_dir=output_dir,
         seed=seed,
         data_seed=seed,
         max_steps=cfg.max_steps,

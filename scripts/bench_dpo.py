@@ -1,6 +1,7 @@
 """DPO step time as llmctl's dpo stage runs it, on the real run's setting: SmolLM2-135M-Instruct
 (the merged SFT model), the tweets' preference pairs in the chat template, and the recipe's
-[dpo] LoRA, batch, learning rate, beta, loss and max_length, in bf16.
+[dpo] table: LoRA, batch, learning rate, beta, loss, max_length and precision, through the
+stage's own TrainingArguments (``llmctl.training.stage_arguments``).
 
 trl >= 1.13 computes the LM head only at the positions whose next token is a completion token
 (a fused head over the labelled positions), which llmctl's own DPO trainer did for trl 1.12
@@ -32,8 +33,8 @@ from trl import DPOConfig, DPOTrainer
 from llmctl.data import hf_dataset
 from llmctl.models import load_causal_lm, load_tokenizer, lora_config
 from llmctl.recipe import load_recipe
-from llmctl.stages.dpo import dpo_loss
-from llmctl.trainers import fused_head
+from llmctl.stages.dpo import dpo_settings
+from llmctl.training import stage_arguments
 
 SKIP = 2  # warm-up steps left out
 
@@ -49,17 +50,14 @@ class StepTimes(TrainerCallback):
 def seconds_per_step(recipe, tokenizer, dataset, args, workdir: str) -> float:
     cfg = recipe.dpo
     model = load_causal_lm(args.model, recipe.model)
-    # What llmctl.training.training_args sets that changes a step's time: the LM head on the
-    # labelled positions on CPU too, and no gradient checkpointing unless the recipe asks (trl's
-    # DPOConfig turns it on by default). Without them this measured trl's defaults, not the
-    # stage: 8-10 s a step against 6-7 before the move (AMX Xeon, 2026-12-06).
-    fused_head.compact_on_cpu()
-    config = DPOConfig(output_dir=workdir, per_device_train_batch_size=cfg.batch_size,
-                       max_length=cfg.max_length, learning_rate=cfg.lr, beta=cfg.beta,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
-                       **dpo_loss(cfg), bf16=True, use_cpu=True, report_to=[],
-                       max_steps=args.steps, save_strategy="no", logging_steps=1,
-                       disable_tqdm=True, seed=0)
+    # The dpo stage's own arguments (the recipe's [dpo] table: precision, no gradient
+    # checkpointing unless asked, where trl's DPOConfig turns it on, and the LM head on the
+    # answer positions on CPU too); only the length of the run and its logging are the bench's.
+    # A copy of two of those settings here once drifted from the stage: without them this timed
+    # trl's defaults, 8-10 s a step against 6-7 before the move (AMX Xeon, 2026-12-06).
+    config = stage_arguments(cfg, recipe, workdir, DPOConfig, **dpo_settings(cfg),
+                             max_steps=args.steps, save_strategy="no", logging_steps=1,
+                             eval_strategy="no", report_to=[])
     torch.manual_seed(0)
     trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=dataset,

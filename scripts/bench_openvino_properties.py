@@ -81,14 +81,17 @@ def _text(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=list(SHAPES), default="opt-1.3b")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    parser.add_argument("--shape", choices=list(SHAPES), help="default: opt-1.3b")
+    parser.add_argument("--bits", type=int, choices=(4, 8), help="default: 4")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS),
                         help=f"which property sets to time ({BASELINE!r} always is)")
     parser.add_argument("--model", help="an OpenVINO quantize output to time instead of --shape")
     args = parser.parse_args()
+    if args.model and (args.shape or args.bits):
+        parser.error("--model times a saved model as it is: --shape and --bits build one")
+    args.shape, args.bits = args.shape or "opt-1.3b", args.bits or 4
     args.levers = [BASELINE, *(name for name in args.levers if name != BASELINE)]
     import openvino_genai
 

@@ -27,6 +27,26 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"llmctl {__version__}"
 
 
+def test_the_cli_in_process_leaves_the_callers_signal_handlers(capsys):
+    """main() installs its SIGTERM handler and unblocks SIGINT/SIGTERM for its own run only: a
+    caller that runs the CLI in its process (a test worker, a notebook) gets its own back."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        code, _, _ = run_cli(["--version"], capsys)
+        assert code == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[pretrain]\nlr = \"fast\"\n")

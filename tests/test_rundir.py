@@ -58,3 +58,71 @@ def test_require_input(tmp_path):
     with pytest.raises(UserError, match="did not finish"):
         require_input(str(tmp_path / "sft" / "model"), "merge.model")
     require_input("facebook/opt-125m", "model")  # a hub id is left to the loader
+
+
+def _tree(path) -> dict:
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+def test_replace_dir_puts_the_new_directory_in_place_and_removes_the_old(tmp_path):
+    from llmctl.paths import replace_dir
+
+    new, target = tmp_path / ".new", tmp_path / "out"
+    new.mkdir()
+    (new / "a").write_text("first")
+    replace_dir(new, target)  # nothing there yet
+    assert _tree(target) == {"a": "first"} and not new.exists()
+    new.mkdir()
+    (new / "b").write_text("second")
+    replace_dir(new, target)
+    assert _tree(target) == {"b": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old one is gone
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="renameat2")
+def test_replace_dir_never_leaves_the_target_missing_on_linux(tmp_path, monkeypatch):
+    """Linux exchanges the two in one call: with every plain rename failing, the swap still
+    happens, so there was no moment at which the old directory had left and the new not come."""
+    import os
+
+    from llmctl.paths import replace_dir
+
+    new, target = tmp_path / ".new", tmp_path / "out"
+    new.mkdir(), target.mkdir()
+    (new / "x").write_text("new")
+    (target / "x").write_text("old")
+
+    def no_rename(*args, **kwargs):
+        raise AssertionError("a plain rename: a window in which the target is missing")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    replace_dir(new, target)
+    assert _tree(target) == {"x": "new"} and not new.exists()
+
+
+def test_replace_dir_without_exchange_puts_the_old_back_when_the_new_cannot_go_in(
+        tmp_path, monkeypatch):
+    import os
+
+    from llmctl import paths
+
+    new, target = tmp_path / ".new", tmp_path / "out"
+    new.mkdir(), target.mkdir()
+    (new / "x").write_text("new")
+    (target / "x").write_text("old")
+    monkeypatch.setattr(paths, "_exchange", lambda a, b: False)  # another OS or file system
+    real_replace = os.replace
+
+    def failing_second(src, dst):
+        if os.fspath(src) == os.fspath(new):
+            raise OSError("disk went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(OSError, match="disk went away"):
+        paths.replace_dir(new, target)
+    assert _tree(target) == {"x": "old"}  # back where it was
+    monkeypatch.setattr(os, "replace", real_replace)
+    paths.replace_dir(new, target)
+    assert _tree(target) == {"x": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -50,9 +50,7 @@ def run(ctx: StageContext) -> dict:
 
     stage = ctx.start()
     cache = str(stage.cache_dir)
-    args = training_args(cfg, stage, recipe,
-                         args_cls=TrlDPOConfig, beta=cfg.beta, **dpo_loss(cfg),
-                         max_length=cfg.max_length)
+    args = training_args(cfg, stage, recipe, args_cls=TrlDPOConfig, **dpo_settings(cfg))
     with distributed.main_process_first():  # one process writes the Arrow cache
         train_ds = hf_dataset(source, "train", key, "preference", cache)
         eval_ds = capped_eval(hf_dataset(source, "eval", key, "preference", cache), cfg)
@@ -78,8 +76,11 @@ def run(ctx: StageContext) -> dict:
     return finish_training(trainer, stage, cfg, tokenizer, ctx.model_output(), metrics)
 
 
-def dpo_loss(cfg) -> dict:
-    """trl's loss arguments: the recipe's loss, plus the chosen answers' NLL with RPO."""
+def dpo_settings(cfg) -> dict:
+    """trl's DPOConfig fields from the recipe's [dpo] table, on top of the Trainer's: beta, the
+    length of a pair, and the loss (the recipe's, plus the chosen answers' NLL with RPO)."""
     if cfg.rpo_alpha is None:
-        return {"loss_type": [cfg.loss_type]}
-    return {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.rpo_alpha]}
+        loss = {"loss_type": [cfg.loss_type]}
+    else:
+        loss = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.rpo_alpha]}
+    return {"beta": cfg.beta, "max_length": cfg.max_length, **loss}

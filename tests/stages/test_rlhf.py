@@ -342,10 +342,13 @@ def test_rpo_adds_the_chosen_nll_to_the_loss(tmp_path):
     from trl import DPOConfig
 
     from llmctl.schema import DpoConfig
-    from llmctl.stages.dpo import dpo_loss
+    from llmctl.stages.dpo import dpo_settings
 
-    assert dpo_loss(DpoConfig(data="p")) == {"loss_type": ["sigmoid"]}
-    rpo = dpo_loss(DpoConfig(data="p", loss_type="ipo", rpo_alpha=0.5))
-    assert rpo == {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}
+    plain = dpo_settings(DpoConfig(data="p"))
+    assert plain["loss_type"] == ["sigmoid"] and "loss_weights" not in plain
+    rpo = dpo_settings(DpoConfig(data="p", loss_type="ipo", rpo_alpha=0.5, beta=0.2,
+                                 max_length=96))
+    assert rpo == {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2,
+                   "max_length": 96}
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **rpo)
     assert args.loss_type == ["ipo", "sft"] and args.loss_weights == [1.0, 0.5]
