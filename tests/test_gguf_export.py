@@ -4,6 +4,7 @@ q8_0, llama.cpp's names and Q/K row order, the tokenizer's metadata; the trial l
 the first method within tolerable_loss; OPT is exit 2 before any work."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,11 +245,14 @@ LADDER_BOUND = 0.0002
 
 
 def test_ladder_stops_at_the_first_method_within_the_bound(pretrained_llama, assets, tmp_path,
-                                                            capsys):
-    """The bound rejects q4_0 and accepts a gentler method: the ladder stops there."""
+                                                            capsys, monkeypatch):
+    """The bound rejects q4_0 and accepts a gentler method: the ladder stops there. Scored on
+    llmctl's import of each file, as where the llamacpp extra is not installed (the bound above
+    was measured there; under llama.cpp: tests/test_llamacpp.py)."""
     from llmctl.models import load_causal_lm, load_tokenizer
     from llmctl.quantization.gguf_export import read_back
 
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
     recipe = gguf_recipe(tmp_path, assets, pretrained_llama,
                          f'method = "q4_0"\ndata = "corpus"\nseq_len = 64\n'
                          f'eval_max_batches = 2\ntolerable_loss = {LADDER_BOUND}')
@@ -261,6 +265,7 @@ def test_ladder_stops_at_the_first_method_within_the_bound(pretrained_llama, ass
     assert len(methods) >= 2 and not any(t["accepted"] for t in trials[:-1])
     assert trials[-1]["accepted"] and trials[-1]["relative_loss"] <= LADDER_BOUND
     assert all(t["relative_loss"] > LADDER_BOUND for t in trials[:-1])
+    assert all(t["scored_by"].startswith("llmctl's GGUF import") for t in trials)
     metrics = manifest(stage)["metrics"]
     assert metrics["accepted"] == 1 and metrics["trials"] == len(methods)
     assert metrics["size_bytes_after"] == (stage / "model" / "model.gguf").stat().st_size

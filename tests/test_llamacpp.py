@@ -124,6 +124,36 @@ def test_lm_eval_scores_the_file_as_it_scores_the_weights(f16_output, tmp_path):
 
 
 @needs_extra
+def test_quantize_scores_each_gguf_trial_under_llama_cpp(f16_output, assets, tmp_path, capsys):
+    """With the extra, a trial's figure is the file's under llama.cpp (its kernels and f16 KV
+    cache), the runtime it is exported for: the accepted trial's perplexity is the saved file's
+    perplexity under llama.cpp, to the last digit."""
+    from llmctl.data import heldout_blocks
+    from llmctl.evaluation import perplexity
+    from llmctl.quantization import load_model
+    from llmctl.recipe import load_recipe
+    from tests.test_gguf_export import gguf_recipe
+
+    _, model, tokenizer = f16_output
+    model_dir = tmp_path / "source"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = gguf_recipe(tmp_path, assets, model_dir,
+                         'method = "q8_0"\ndata = "corpus"\nseq_len = 32\n'
+                         'eval_max_batches = 2\ntolerable_loss = 1.0')
+    code, _, err = run_cli(["quantize", recipe], capsys)
+    assert code == 0, err
+    stage = tmp_path / "run" / "quantize"
+    trial = json.loads((stage / "trials.json").read_text())["trials"][0]
+    assert trial["scored_by"] == "llama.cpp" and trial["accepted"]
+    loaded = load_recipe(recipe)
+    blocks = heldout_blocks(loaded.data_source("quantize", "corpus"), "corpus", tokenizer,
+                            loaded.quantize)
+    saved = load_model(str(stage / "model"))
+    assert perplexity(saved, blocks, loaded.quantize.eval_batch_size) == trial["metric"]
+
+
+@needs_extra
 def test_bench_runs_the_gguf_through_llama_cpp(f16_output, tmp_path, capsys):
     folder = f16_output[0]
     recipe = bench_recipe(tmp_path, folder, "runs = 1\nnew_tokens = 8\nprompt_tokens = 8\n"

@@ -6,11 +6,13 @@ including the row order llama.cpp's rotary embedding expects of Llama-family que
 projections (its converter's ``LlamaModel.permute``), the tokenizer (byte-level BPE, llama.cpp's
 ``gpt2`` model: SmolLM2, Llama 3, Qwen2), its special token ids and the chat template.
 
-Each trial is scored on what llama.cpp will run: the model is exported, read back through
-llmctl's own GGUF import (``llmctl.gguf``: the same dequantization as any other GGUF input) and
-scored there, so rounding, layout and tokenizer metadata are all in the measured figure (up to
-the kernels' own arithmetic). ``generate``, ``bench`` and ``serve`` run the output through
-llama.cpp itself (:mod:`llmctl.quantization.llamacpp`, the ``llamacpp`` extra).
+Each trial is scored on the file itself: with the ``llamacpp`` extra installed, under llama.cpp
+(:mod:`llmctl.quantization.llamacpp`), as llama.cpp and Ollama will run it, its kernels' own
+arithmetic and f16 KV cache included; without it, read back through llmctl's own GGUF import
+(``llmctl.gguf``, the same dequantization as any other GGUF input, scored in fp32), so rounding,
+layout and tokenizer metadata are in the figure but llama.cpp's arithmetic is not. Each trial in
+``trials.json`` names which (``scored_by``). ``generate``, ``bench`` and ``serve`` run the output
+through llama.cpp.
 """
 
 from __future__ import annotations
@@ -95,7 +97,14 @@ class Gguf(QuantizeBackend):
         folder = Path(tempfile.mkdtemp(prefix="llmctl-gguf-"))
         file = export_gguf(model, load_tokenizer(source_dir), folder / GGUF_FILE,
                            settings["method"])
-        qmodel = read_back(file, folder / "imported")
+        from llmctl.quantization import llamacpp
+
+        if llamacpp.available():
+            qmodel = llamacpp.load(file)
+            qmodel.llmctl_scored_by = "llama.cpp"
+        else:
+            qmodel = read_back(file, folder / "imported")
+            qmodel.llmctl_scored_by = "llmctl's GGUF import, fp32 (no llamacpp extra)"
         qmodel.llmctl_gguf = file
         weakref.finalize(qmodel, shutil.rmtree, folder, True)  # a rejected trial's files too
         return qmodel

@@ -46,11 +46,13 @@ def run(ctx: StageContext) -> dict:
         after = score(qmodel)
         loss = relative_loss(before, after, higher_is_better)
         ok = loss <= cfg.tolerable_loss
+        scored_by = getattr(qmodel, "llmctl_scored_by", None)  # where a backend has a choice
         records.append({"trial": index, "settings": settings, "metric": after,
-                        "relative_loss": loss, "accepted": ok})
+                        "relative_loss": loss, "accepted": ok,
+                        **({"scored_by": scored_by} if scored_by else {})})
         console.print(f"  trial {index}/{len(trials)}: {describe(settings)}: {metric_name} "
-                      f"{after:.4f}, relative loss {loss:+.2%} "
-                      f"{'[green]accepted[/]' if ok else '[red]rejected[/]'}")
+                      f"{after:.4f}{f' ({scored_by})' if scored_by else ''}, relative loss "
+                      f"{loss:+.2%} {'[green]accepted[/]' if ok else '[red]rejected[/]'}")
         if ok:
             accepted = (settings, qmodel, after, loss)
             break
