@@ -195,3 +195,22 @@ def test_serve_streams_what_it_answers_and_loses_no_request(f16_output):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: ask(p, stream=False)[0][0].text, TINY_TEXTS[:8]))
     assert len(answers) == 8 and engine.largest_batch == 1
+
+
+@needs_extra
+def test_a_model_open_at_exit_is_closed_without_a_traceback(f16_output):
+    """A script that keeps a model to the end (bench_peer.py does) exits quietly: llama-cpp-python's
+    own __del__ at interpreter shutdown printed "Exception ignored ... TypeError"."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    file = f16_output[0] / "model.gguf"
+    script = ("from llmctl.quantization import llamacpp\n"
+              f"model = llamacpp.load({str(file)!r})\n"
+              "model.close(); model.close()  # twice is harmless\n"
+              f"kept = llamacpp.load({str(file)!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr

@@ -17,8 +17,10 @@ and token counts are the same as for every other backend.
 
 from __future__ import annotations
 
+import atexit
 import os
 import types
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +66,18 @@ def load(file: str | Path) -> "LlamaCppModel":
     return LlamaCppModel(Path(file))
 
 
+# Every model still open when Python exits is closed first: llama-cpp-python frees a model
+# from its __del__, which at interpreter shutdown finds its C bindings already torn down and
+# prints a TypeError traceback ("Exception ignored in: <function Llama.__del__>").
+_OPEN: "weakref.WeakSet[LlamaCppModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_models() -> None:
+    for model in list(_OPEN):
+        model.close()
+
+
 def threads() -> int:
     """Every core this process may use (llama-cpp-python's default is half of them)."""
     return len(os.sched_getaffinity(0))
@@ -79,6 +93,7 @@ class LlamaCppModel:
         self.path = Path(gguf)
         self.llama = self._context(logits_all=False)
         self._scorer = None  # the logits-for-every-position context, made on first forward
+        _OPEN.add(self)
         self.config = types.SimpleNamespace(
             model_type=self.llama.metadata.get("general.architecture", "llama"),
             max_position_embeddings=self.llama.n_ctx(), vocab_size=self.llama.n_vocab())
@@ -98,6 +113,13 @@ class LlamaCppModel:
         except (ValueError, RuntimeError) as err:  # llama.cpp: "Failed to load model from file"
             raise UserError(f"{self.path}: llama.cpp cannot load it "
                             f"({' '.join(str(err).split())[:200]})") from None
+
+    def close(self) -> None:
+        """Free llama.cpp's contexts and model now (again later is a no-op)."""
+        for context in (self.llama, self._scorer):
+            if context is not None:
+                context.close()
+        self._scorer = None
 
     # -- what transformers models offer and llmctl uses --------------------------------------
 
