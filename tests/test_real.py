@@ -192,6 +192,8 @@ def test_real_recipe_runs_in_small(real, tmp_path, capsys):
     assert manifest(gguf_run / "quantize")["inputs"]["model"].endswith("/dpo/adapter")
     from llmctl.quantization import llamacpp
 
+    trials = json.loads((gguf_run / "quantize" / "trials.json").read_text())["trials"]
+    assert trials[0]["scored_by"].startswith("llama.cpp" if llamacpp.available() else "llmctl's")
     if llamacpp.available():
         code, _, err = run_cli(["bench", GGUF_RECIPE, *on_this_run], capsys)
         assert code == 0, err
