@@ -26,7 +26,6 @@ def training_args(cfg: TrainConfig, stage: StageRun, recipe: Recipe,
     """TrainingArguments (or a trl subclass such as SFTConfig) from a recipe's training table,
     with the recipe's multi-process strategy (DDP, FSDP, DeepSpeed) and tracker, writing the
     stage's checkpoints and tracker logs in its run directory."""
-    resolve_precision(cfg.precision)
     require_tracker(cfg.report_to)
     stage.tracking = tracker_run(cfg.report_to, stage, recipe)
     run_name = stage.tracking["run_name"]

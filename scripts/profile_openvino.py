@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                         help="an OpenVINO CPU property on top of llmctl's (repeatable)")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     ir = Path(args.model) / "openvino_model.xml"
     if not ir.is_file():
         raise SystemExit(f"error: --model: {ir} does not exist")
@@ -82,7 +84,7 @@ def main() -> None:
     for (node, kernel), seconds in own.most_common(10):
         print(f"  {node:38s} {kernel:24s} {1000 * seconds / args.steps:6.2f} ms "
               f"{100 * seconds / total:5.1f}%  {nodes[(node, kernel)] // args.steps} nodes")
-    weights = sum(f.stat().st_size for f in Path(args.model).glob("openvino_model.bin"))
+    weights = ir.with_suffix(".bin").stat().st_size
     fc = sum(s for (node, _), s in own.items() if node.startswith("FullyConnected"))
     if fc:
         print(f"FullyConnected: {1000 * fc / args.steps:.2f} ms a step for a {weights / 2**20:.0f} "
