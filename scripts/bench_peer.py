@@ -314,8 +314,8 @@ def main() -> None:
     from llmctl.quantization.llamacpp import available
 
     if not available():
-        raise SystemExit("error: llama-cpp-python is not installed: make install-llamacpp "
-                         "(its CMAKE_ARGS for this CPU: docs/quantization.md)")
+        parser.error("llama-cpp-python is not installed: make install-llamacpp "
+                     "(its CMAKE_ARGS for this CPU: docs/quantization.md)")
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as scratch:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)

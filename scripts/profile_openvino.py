@@ -36,11 +36,11 @@ def main() -> None:
         parser.error("--steps must be at least 1")
     ir = Path(args.model) / "openvino_model.xml"
     if not ir.is_file():
-        raise SystemExit(f"error: --model: {ir} does not exist")
+        parser.error(f"--model: {ir} does not exist")
     try:
         extra = dict(item.split("=", 1) for item in args.property)
     except ValueError:
-        raise SystemExit("error: --property takes KEY=VALUE") from None
+        parser.error("--property takes KEY=VALUE")
     import openvino
     from bench_generate import read_bandwidth  # scripts/ is on sys.path
 
